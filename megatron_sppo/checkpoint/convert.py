@@ -1,0 +1,221 @@
+"""HF <-> Megatron checkpoint conversion (the `convert` subcommand and tools/convert_*.py).
+
+HF -> Megatron runs one worker per target (TP, PP) rank: under torchrun/srun the launched
+ranks are the workers; from a plain process, ``tp*pp`` local CPU workers are spawned (gloo).
+Each worker builds only its own model shard, reads only the HF tensors it needs (one at a
+time, memory-mapped) and writes its part of the torch_dist checkpoint, so peak host memory
+stays near the model's size S in total. Megatron -> HF loads the checkpoint at TP=1/PP=1
+(dist_checkpointing reshards on load) and streams HF shards out.
+Everything is written to a hidden sibling directory and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from megatron_sppo.checkpoint.hf_io import DEFAULT_SHARD_BYTES, HFCheckpointReader, HFShardWriter
+from megatron_sppo.checkpoint.hf_io import copy_non_weight_files
+from megatron_sppo.checkpoint.hf_mapping import (canonical_name, hf_shapes, hf_tensors_from_megatron,
+                                                 megatron_shard, param_mappings)
+from megatron_sppo.checkpoint.megatron_io import (hf_config_dir, load_model_checkpoint, read_arch,
+                                                  resolve_checkpoint, save_model_checkpoint)
+from megatron_sppo.errors import UserError
+from megatron_sppo.models.hf_config import ModelArch, arch_from_hf_config, load_hf_config
+
+
+# ---- output directories: nothing half-written ------------------------------------------
+
+
+def prepare_output(path: str | Path, overwrite: bool, flag: str) -> Path:
+    """Refuse an existing output unless ``overwrite``; return the temporary sibling to fill."""
+    path = Path(path).absolute()
+    if path.exists() and (path.is_file() or any(path.iterdir())) and not overwrite:
+        raise UserError(f"{path} already exists: pass --overwrite to replace it or choose "
+                        f"another {flag}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def commit_output(tmp: Path, path: str | Path) -> None:
+    """Move the finished ``tmp`` into place, replacing an old ``path`` only now."""
+    path = Path(path).absolute()
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.is_dir():
+        shutil.rmtree(old)
+    elif old.exists():
+        old.unlink()
+
+
+# ---- model shards <-> HF tensors ------------------------------------------------------
+
+
+def _layer_offset(model) -> int:
+    layers = getattr(model.decoder, "layers", None)
+    return layers[0].layer_number - 1 if layers else 0
+
+
+def load_hf_weights(model, reader: HFCheckpointReader, arch: ModelArch, progress=None) -> None:
+    """Fill this rank's GPTModel chunk (its TP shard and PP stage) from HF tensors."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    offset = _layer_offset(model)
+    mappings = {m.megatron: m for m in param_mappings(arch)}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            mapping = mappings.get(canonical_name(name, offset))
+            if mapping is None:
+                raise RuntimeError(f"megatron parameter {name} has no HF mapping "
+                                   f"for the {arch.family} family")
+            shard = megatron_shard(mapping, [reader.get(n) for n in mapping.hf], arch, tp, rank)
+            if shard.shape != param.shape:
+                raise RuntimeError(f"{name}: HF gives {list(shard.shape)}, the model expects "
+                                   f"{list(param.shape)}")
+            param.copy_(shard)
+            if progress is not None:
+                progress.update(1)
+
+
+def iter_hf_tensors(model, arch: ModelArch) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named tensors of a TP=1/PP=1 GPTModel, one megatron parameter at a time."""
+    params = {canonical_name(n): p.detach() for n, p in model.named_parameters()}
+    for mapping in param_mappings(arch):
+        if mapping.megatron == "output_layer.weight" and arch.tie_embeddings:
+            continue
+        yield from hf_tensors_from_megatron(mapping, params[mapping.megatron], arch).items()
+
+
+def _build(arch: ModelArch, tp: int, pp: int):
+    from megatron_sppo.models.builder import build_gpt_model, transformer_config
+
+    config = transformer_config(arch, tp=tp, pp=pp, perform_initialization=False)
+    return build_gpt_model(arch, config)
+
+
+def _tqdm(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor")
+
+
+# ---- HF -> Megatron ------------------------------------------------------------------
+
+
+def _hf_to_megatron_rank(hf_path: str, tmp: str, arch: ModelArch, tp: int, pp: int,
+                         show_progress: bool) -> None:
+    """One target rank: build its shard, fill it from HF, save it (collective)."""
+    from megatron.core import parallel_state
+
+    from megatron_sppo.runtime import init_distributed
+
+    init_distributed(tp, pp)
+    model = _build(arch, tp, pp)
+    first = torch.distributed.get_rank() == 0
+    bar = _tqdm(sum(1 for _ in model.parameters()), f"hf->megatron (rank 0 of {tp * pp})",
+                show_progress and first)
+    load_hf_weights(model, HFCheckpointReader(hf_path), arch, bar)
+    if bar is not None:
+        bar.close()
+    save_model_checkpoint(model, tmp, 0, arch, hf_path)
+    parallel_state.destroy_model_parallel()
+
+
+def _spawned_rank(rank: int, world: int, port: int, *args) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      MEGATRON_SPPO_FORCE_CPU="1")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    _hf_to_megatron_rank(*args)
+    torch.distributed.destroy_process_group()
+
+
+def hf_to_megatron(hf_path: str | Path, megatron_path: str | Path, tp: int = 1, pp: int = 1,
+                   overwrite: bool = False, dtype: str | None = None,
+                   show_progress: bool = True) -> ModelArch:
+    """Convert an HF checkpoint into Megatron-LM's dist-checkpoint layout at TP=tp, PP=pp."""
+    arch = arch_from_hf_config(load_hf_config(hf_path))
+    if dtype is not None and dtype != arch.dtype:
+        arch = dataclasses.replace(arch, dtype=dtype)
+        arch.torch_dtype  # noqa: B018  (validates the name)
+    arch.check_parallel(tp, pp)
+    HFCheckpointReader(hf_path).check_shapes(hf_shapes(arch))
+    tmp = prepare_output(megatron_path, overwrite, "--megatron-path")
+    args = (str(hf_path), str(tmp), arch, tp, pp, show_progress)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        if launched > 1:
+            if launched != tp * pp:
+                raise UserError(f"launched with {launched} ranks for --tp {tp} --pp {pp}: "
+                                f"launch {tp * pp} ranks or run it as a single process")
+            _hf_to_megatron_rank(*args)
+            if torch.distributed.get_rank() == 0:
+                commit_output(tmp, megatron_path)
+            torch.distributed.barrier()
+        elif tp * pp == 1:
+            _hf_to_megatron_rank(*args)
+            commit_output(tmp, megatron_path)
+        else:
+            from megatron_sppo.runtime.distributed import free_port
+
+            torch.multiprocessing.spawn(_spawned_rank, args=(tp * pp, free_port(), *args),
+                                        nprocs=tp * pp, join=True)
+            commit_output(tmp, megatron_path)
+    finally:
+        if tmp.exists() and (launched == 1 or torch.distributed.get_rank() == 0):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return arch
+
+
+# ---- Megatron -> HF ------------------------------------------------------------------
+
+
+def megatron_to_hf(megatron_path: str | Path, hf_path: str | Path, overwrite: bool = False,
+                   hf_config: str | Path | None = None,
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                   show_progress: bool = True) -> ModelArch:
+    """Export a Megatron checkpoint (any saved TP/PP) to sharded HF safetensors."""
+    from megatron_sppo.runtime import init_distributed
+
+    iter_dir = resolve_checkpoint(megatron_path)
+    config_dir = Path(hf_config) if hf_config else hf_config_dir(iter_dir)
+    if not (config_dir / "config.json").is_file():
+        raise UserError(f"{iter_dir} has no {config_dir.name}/config.json: pass --hf-config DIR "
+                        "with the model's original HF config.json and tokenizer files")
+    arch = read_arch(iter_dir) if hf_config is None else arch_from_hf_config(
+        load_hf_config(config_dir))
+    tmp = prepare_output(hf_path, overwrite, "--hf-path")
+    try:
+        init_distributed(1, 1)
+        if torch.distributed.get_world_size() != 1:
+            raise UserError("megatron-to-hf runs as a single process: launch it without torchrun")
+        model = _build(arch, 1, 1)
+        load_model_checkpoint(model, iter_dir)
+        writer = HFShardWriter(tmp, max_shard_bytes)
+        names = [n for m in param_mappings(arch) for n in m.hf]
+        bar = _tqdm(len(set(names)), "megatron->hf", show_progress)
+        for name, tensor in iter_hf_tensors(model, arch):
+            writer.add(name, tensor.to(arch.torch_dtype))
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        writer.close()
+        copy_non_weight_files(config_dir, tmp)
+        commit_output(tmp, hf_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return arch

@@ -1,0 +1,123 @@
+"""The `megatron-sppo` command.
+
+    megatron-sppo convert hf-to-megatron --hf-path DIR --megatron-path DIR [--tp N] [--pp N]
+    megatron-sppo convert megatron-to-hf --megatron-path DIR --hf-path DIR
+
+`train`, `sft` and `eval` arrive with the trainer. Bad input prints one ``error:`` line and
+exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_sppo import __version__
+from megatron_sppo.errors import UserError
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _size(text: str) -> int:
+    """'5GB', '512MB', '1048576' -> bytes."""
+    units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+    upper = text.strip().upper()
+    for unit, factor in units.items():
+        if upper.endswith(unit):
+            return int(float(upper[: -len(unit)]) * factor)
+    try:
+        return int(upper)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB or 512MB")
+
+
+def add_hf_to_megatron_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hf-path", required=True,
+                   help="Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+    p.add_argument("--megatron-path", required=True,
+                   help="output: Megatron-LM checkpoint root (latest_checkpointed_iteration.txt, "
+                        "iter_0000000/ in torch_dist format)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel size to write the checkpoint at (default 1; it loads "
+                        "at any TP/PP)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    p.add_argument("--dtype", choices=_DTYPES,
+                   help="parameter dtype of the checkpoint (default: the HF config's dtype)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --megatron-path")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_megatron_to_hf_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--megatron-path", required=True,
+                   help="Megatron checkpoint root (with latest_checkpointed_iteration.txt) or "
+                        "one iter_XXXXXXX directory")
+    p.add_argument("--hf-path", required=True,
+                   help="output: HF directory (sharded safetensors + index, config, tokenizer)")
+    p.add_argument("--hf-config",
+                   help="HF config.json + tokenizer directory, for checkpoints that do not carry "
+                        "their own hf_config/")
+    p.add_argument("--max-shard-size", type=_size, default="5GB",
+                   help="largest safetensors shard (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --hf-path")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_hf_to_megatron(args: argparse.Namespace) -> None:
+    from megatron_sppo.checkpoint.convert import hf_to_megatron
+
+    arch = hf_to_megatron(args.hf_path, args.megatron_path, tp=args.tp, pp=args.pp,
+                          overwrite=args.overwrite, dtype=args.dtype,
+                          show_progress=not args.no_progress)
+    print(f"wrote {args.megatron_path} ({arch.family}, {arch.num_layers} layers, "
+          f"tp={args.tp} pp={args.pp}, {arch.dtype})")
+
+
+def run_megatron_to_hf(args: argparse.Namespace) -> None:
+    from megatron_sppo.checkpoint.convert import megatron_to_hf
+
+    arch = megatron_to_hf(args.megatron_path, args.hf_path, overwrite=args.overwrite,
+                          hf_config=args.hf_config, max_shard_bytes=args.max_shard_size,
+                          show_progress=not args.no_progress)
+    print(f"wrote {args.hf_path} ({arch.family}, {arch.dtype})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-sppo",
+        description="Sequence-Level PPO (SPPO) and RL baselines for reasoning LLMs on "
+                    "megatron-core.",
+        epilog="Run `megatron-sppo COMMAND --help` for the options of one command.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    convert = commands.add_parser(
+        "convert", help="convert checkpoints between Hugging Face and Megatron formats",
+        description="Convert checkpoints between Hugging Face safetensors and Megatron-LM's "
+                    "dist-checkpoint layout (Llama, Qwen2, Qwen3, Mistral dense decoders).")
+    direction = convert.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    h2m = direction.add_parser(
+        "hf-to-megatron", help="HF -> Megatron (any TP/PP)",
+        description="HF -> Megatron-LM dist checkpoint. A single process spawns tp*pp CPU "
+                    "workers; under torchrun launch exactly tp*pp ranks.")
+    add_hf_to_megatron_args(h2m)
+    h2m.set_defaults(func=run_hf_to_megatron)
+    m2h = direction.add_parser("megatron-to-hf", help="Megatron -> HF safetensors",
+                               description="Megatron dist checkpoint (any TP/PP) -> HF safetensors"
+                                           " that transformers.from_pretrained loads.")
+    add_megatron_to_hf_args(m2h)
+    m2h.set_defaults(func=run_megatron_to_hf)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""torch.distributed + megatron-core model-parallel initialisation for GPU (NCCL) or CPU (gloo).
+
+Works under torchrun/srun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment)
+and in a plain single process, where a one-rank group on a free loopback port is created so
+that megatron-core's collectives (and dist_checkpointing) have a process group to use.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatron_sppo.runtime.cpu import enable_cpu_megatron
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_to_torch_env() -> None:
+    """Map Slurm's per-task variables to torch's when srun starts one task per GPU."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+
+
+def init_distributed(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+) -> bool:
+    """Initialise torch.distributed and megatron-core's parallel state; seed all RNGs.
+
+    Returns True when running on CPU (through the CPU device layer). Calling it again with
+    the same sizes is a no-op apart from re-seeding; different sizes re-create megatron's
+    groups (the process group itself is kept).
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    on_cpu = enable_cpu_megatron()
+    if not dist.is_initialized():
+        _slurm_to_torch_env()
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        if not on_cpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend="gloo" if on_cpu else "nccl",
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    world = dist.get_world_size()
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
+    if world % model_parallel:
+        from megatron_sppo.errors import UserError
+
+        raise UserError(
+            f"world size {world} is not a multiple of tp*pp={model_parallel}: "
+            f"launch a multiple of {model_parallel} ranks or change tp/pp"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        same = (
+            parallel_state.get_tensor_model_parallel_world_size() == tensor_model_parallel_size
+            and parallel_state.get_pipeline_model_parallel_world_size()
+            == pipeline_model_parallel_size
+        )
+        if not same:
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+        )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+    return on_cpu
+
+
+def destroy_distributed() -> None:
+    """Tear down megatron's groups and the process group (tests, tools)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,80 @@
+"""Helpers shared by the scripts that tests launch under torchrun (gloo, CPU)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from megatron_sppo.runtime import enable_cpu_megatron  # noqa: E402
+
+enable_cpu_megatron()
+
+
+def sample_batch(vocab_size: int, batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, seq), generator=g)
+
+
+def causal_inputs(ids: torch.Tensor):
+    """position ids and megatron's boolean attention mask (True = masked out)."""
+    b, s = ids.shape
+    pos = torch.arange(s).unsqueeze(0).expand(b, -1)
+    mask = torch.ones(1, 1, s, s, dtype=torch.bool).triu(1)
+    return pos, mask
+
+
+def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+    """[.., V/tp] shards of the TP group -> [.., V]."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(tp)]
+    torch.distributed.all_gather(parts, logits.contiguous(),
+                                 group=parallel_state.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)
+
+
+def forward_logits(model, ids: torch.Tensor) -> torch.Tensor | None:
+    """Full-vocabulary logits through megatron's pipeline schedule (forward only).
+
+    Returns the logits on the last pipeline stage, None elsewhere.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    collected = []
+
+    def step(data_iterator, model_chunk):
+        batch = next(data_iterator)
+        pos, mask = causal_inputs(batch)
+        out = model_chunk(batch, pos, mask)
+
+        def loss_func(output):
+            collected.append(gather_vocab(output))
+            return output.sum() * 0.0, {}
+
+        return out, loss_func
+
+    get_forward_backward_func()(
+        forward_step_func=step, data_iterator=iter([ids]), model=[model], num_microbatches=1,
+        seq_length=ids.shape[1], micro_batch_size=ids.shape[0], forward_only=True)
+    return collected[0] if collected else None
+
+
+def hf_logits(hf_dir: str, ids: torch.Tensor) -> torch.Tensor:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return model.eval()(ids).logits
+
+
+def report(obj) -> None:
+    """Print one RESULT line (the tests parse it) from the rank that holds the output."""
+    print("RESULT " + json.dumps(obj), flush=True)
