@@ -39,8 +39,9 @@ def prepare_output(path: str | Path, overwrite: bool, flag: str) -> Path:
         raise UserError(f"{path} already exists: pass --overwrite to replace it or choose "
                         f"another {flag}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = path.with_name(f".{path.name}.partial")  # the same on every rank of a launch
+    if os.environ.get("RANK", "0") == "0":
+        shutil.rmtree(tmp, ignore_errors=True)
     return tmp
 
 

@@ -1,5 +1,5 @@
 """One real megatron-core training step on CPU: DDP, the pipeline schedule, the Megatron
-optimizer (AdamW) with gradient clipping; the updated model is saved as a dist checkpoint.
+optimizer (AdamW) with gradient clipping and its lr/weight-decay scheduler; the updated model is saved as a dist checkpoint.
 
 Usage: torchrun --nproc-per-node N train_step.py HF_DIR --tp T --pp P --out DIR
        [--clip C] [--lr LR] [--microbatches M]
@@ -36,6 +36,7 @@ def main():
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     init_distributed(args.tp, args.pp)
@@ -49,6 +50,11 @@ def main():
         OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=args.weight_decay,
                         adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, clip_grad=args.clip),
         [ddp])
+    # The scheduler applies per-group lr and weight decay (no decay on biases and norms).
+    OptimizerParamScheduler(optimizer, init_lr=args.lr, max_lr=args.lr, min_lr=args.lr,
+                            lr_warmup_steps=0, lr_decay_steps=1, lr_decay_style="constant",
+                            start_wd=args.weight_decay, end_wd=args.weight_decay,
+                            wd_incr_steps=1, wd_incr_style="constant")
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -64,7 +70,7 @@ def main():
             output = mask_padded_logits(output[:, :-1].float(), arch.vocab_size, tp_rank)
             ce = tensor_parallel.vocab_parallel_cross_entropy(output, ids[:, 1:])
             loss = ce.mean()
-            return loss, {"loss": loss.detach()}
+            return loss, {"loss": loss.detach().clone()}  # the schedule divides loss in place
 
         return logits, loss_func
 
