@@ -108,15 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run_tool(func, args: argparse.Namespace) -> int:
+    """Run one command; a UserError becomes one ``error:`` line and exit status 2."""
     try:
-        args.func(args)
+        func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_tool(args.func, args)
 
 
 if __name__ == "__main__":

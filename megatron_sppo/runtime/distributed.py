@@ -45,19 +45,21 @@ def init_distributed(
     the same sizes is a no-op apart from re-seeding; different sizes re-create megatron's
     groups (the process group itself is kept).
     """
+    on_cpu = enable_cpu_megatron()  # before megatron-core is imported
     from megatron.core import parallel_state, tensor_parallel
 
-    on_cpu = enable_cpu_megatron()
     if not dist.is_initialized():
         _slurm_to_torch_env()
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        launched = "RANK" in os.environ
         dist.init_process_group(
             backend="gloo" if on_cpu else "nccl",
             timeout=timedelta(minutes=timeout_minutes),
+            # a plain process gets a one-rank group; the environment (inherited by
+            # subprocesses) is left untouched
+            **({} if launched else dict(init_method=f"tcp://127.0.0.1:{free_port()}",
+                                        rank=0, world_size=1)),
         )
     world = dist.get_world_size()
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
