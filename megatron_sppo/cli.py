@@ -2,6 +2,7 @@
 
     megatron-sppo convert hf-to-megatron --hf-path DIR --megatron-path DIR [--tp N] [--pp N]
     megatron-sppo convert megatron-to-hf --megatron-path DIR --hf-path DIR
+    megatron-sppo convert verify --megatron-path DIR --hf-path DIR
 
 `train`, `sft` and `eval` arrive with the trainer. Bad input prints one ``error:`` line and
 exits with status 2.
@@ -81,6 +82,18 @@ def run_megatron_to_hf(args: argparse.Namespace) -> None:
     print(f"wrote {args.hf_path} ({arch.family}, {arch.dtype})")
 
 
+def run_verify(args: argparse.Namespace) -> None:
+    from megatron_sppo.checkpoint.verify import compare_logits
+
+    result = compare_logits(args.megatron_path, args.hf_path, seq_len=args.seq_len)
+    print(f"max |logits_megatron - logits_hf| = {result['max_abs_diff']:.3g} over "
+          f"{result['tokens']} tokens (largest |logit| {result['max_abs_logit']:.3g}); "
+          f"padded vocabulary unused: {result['padded_vocab_unused']}")
+    if result["max_abs_diff"] > args.tolerance or not result["padded_vocab_unused"]:
+        raise UserError(f"logits differ by {result['max_abs_diff']:.3g} > --tolerance "
+                        f"{args.tolerance}: the checkpoint does not match {args.hf_path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-sppo",
@@ -105,6 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
                                            " that transformers.from_pretrained loads.")
     add_megatron_to_hf_args(m2h)
     m2h.set_defaults(func=run_megatron_to_hf)
+    verify = direction.add_parser(
+        "verify", help="compare a Megatron checkpoint's logits with an HF model's",
+        description="Run the same random tokens through the Megatron checkpoint (TP=1, fp32) "
+                    "and the HF model; fail if the logits differ by more than --tolerance.")
+    verify.add_argument("--megatron-path", required=True, help="Megatron checkpoint root")
+    verify.add_argument("--hf-path", required=True, help="HF model directory")
+    verify.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest allowed max-abs logit difference (default 1e-4, fp32)")
+    verify.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
+    verify.set_defaults(func=run_verify)
     return parser
 
 

@@ -503,6 +503,7 @@ def main(argv=None) -> int:
             print(f"error: --workdir {work} is not an empty directory", file=sys.stderr)
             return 2
         work.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up like Ctrl-C does
     status = 0
     try:

@@ -10,6 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from megatron_sppo.models.inputs import causal_inputs  # noqa: E402,F401  (re-exported)
 from megatron_sppo.runtime import enable_cpu_megatron  # noqa: E402
 
 enable_cpu_megatron()
@@ -18,14 +19,6 @@ enable_cpu_megatron()
 def sample_batch(vocab_size: int, batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, seq), generator=g)
-
-
-def causal_inputs(ids: torch.Tensor):
-    """position ids and megatron's boolean attention mask (True = masked out)."""
-    b, s = ids.shape
-    pos = torch.arange(s).unsqueeze(0).expand(b, -1)
-    mask = torch.ones(1, 1, s, s, dtype=torch.bool).triu(1)
-    return pos, mask
 
 
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
