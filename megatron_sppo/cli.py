@@ -32,7 +32,7 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB or 512MB")
 
 
-def add_hf_to_megatron_args(p: argparse.ArgumentParser) -> None:
+def _add_hf_to_megatron_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-path", required=True,
                    help="Hugging Face model directory (config.json, *.safetensors, tokenizer)")
     p.add_argument("--megatron-path", required=True,
@@ -48,7 +48,7 @@ def add_hf_to_megatron_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def add_megatron_to_hf_args(p: argparse.ArgumentParser) -> None:
+def _add_megatron_to_hf_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--megatron-path", required=True,
                    help="Megatron checkpoint root (with latest_checkpointed_iteration.txt) or "
                         "one iter_XXXXXXX directory")
@@ -111,12 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         "hf-to-megatron", help="HF -> Megatron (any TP/PP)",
         description="HF -> Megatron-LM dist checkpoint. A single process spawns tp*pp CPU "
                     "workers; under torchrun launch exactly tp*pp ranks.")
-    add_hf_to_megatron_args(h2m)
+    _add_hf_to_megatron_args(h2m)
     h2m.set_defaults(func=run_hf_to_megatron)
     m2h = direction.add_parser("megatron-to-hf", help="Megatron -> HF safetensors",
                                description="Megatron dist checkpoint (any TP/PP) -> HF safetensors"
                                            " that transformers.from_pretrained loads.")
-    add_megatron_to_hf_args(m2h)
+    _add_megatron_to_hf_args(m2h)
     m2h.set_defaults(func=run_megatron_to_hf)
     verify = direction.add_parser(
         "verify", help="compare a Megatron checkpoint's logits with an HF model's",

@@ -46,6 +46,18 @@ def test_bf16_roundtrip_keeps_dtype_and_from_pretrained_loads(tmp_path):
     assert model.dtype == torch.bfloat16
 
 
+def test_dtype_override_exports_in_the_original_dtype(zoo, tmp_path):
+    hf = zoo["llama_gqa_untied"]
+    _, back = _roundtrip(hf, tmp_path, "--dtype", "bfloat16")
+    original, exported = load_hf_tensors(hf), load_hf_tensors(back)
+    for name, tensor in original.items():
+        assert exported[name].dtype == torch.float32
+        if tensor.dim() == 1:  # megatron-core's local-spec norms keep fp32 weights
+            assert torch.equal(exported[name], tensor), name
+        else:
+            assert torch.equal(exported[name], tensor.to(torch.bfloat16).float()), name
+
+
 def test_megatron_lm_layout(zoo, tmp_path, megatron_tp1):
     from megatron.core import dist_checkpointing
 

@@ -89,13 +89,17 @@ def load_hf_weights(model, reader: HFCheckpointReader, arch: ModelArch, progress
                 progress.update(1)
 
 
-def iter_hf_tensors(model, arch: ModelArch) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named tensors of a TP=1/PP=1 GPTModel, one megatron parameter at a time."""
-    params = {canonical_name(n): p.detach() for n, p in model.named_parameters()}
+def iter_hf_tensors(params: dict[str, torch.Tensor],
+                    arch: ModelArch) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named tensors from full (TP=1/PP=1) megatron tensors keyed by canonical name.
+
+    ``params`` is consumed: each tensor is dropped once converted, so a caller that writes
+    the results out and holds no other reference keeps about one model's worth in memory.
+    """
     for mapping in param_mappings(arch):
         if mapping.megatron == "output_layer.weight" and arch.tie_embeddings:
             continue
-        yield from hf_tensors_from_megatron(mapping, params[mapping.megatron], arch).items()
+        yield from hf_tensors_from_megatron(mapping, params.pop(mapping.megatron), arch).items()
 
 
 def _build(arch: ModelArch, tp: int, pp: int):
@@ -131,7 +135,7 @@ def _hf_to_megatron_rank(hf_path: str, tmp: str, arch: ModelArch, tp: int, pp: i
     load_hf_weights(model, HFCheckpointReader(hf_path), arch, bar)
     if bar is not None:
         bar.close()
-    save_model_checkpoint(model, tmp, 0, arch, hf_path)
+    save_model_checkpoint(model, tmp, 0, arch, hf_path, release_model=True)
     parallel_state.destroy_model_parallel()
 
 
@@ -149,9 +153,8 @@ def hf_to_megatron(hf_path: str | Path, megatron_path: str | Path, tp: int = 1, 
                    show_progress: bool = True) -> ModelArch:
     """Convert an HF checkpoint into Megatron-LM's dist-checkpoint layout at TP=tp, PP=pp."""
     arch = arch_from_hf_config(load_hf_config(hf_path))
-    if dtype is not None and dtype != arch.dtype:
+    if dtype is not None:
         arch = dataclasses.replace(arch, dtype=dtype)
-        arch.torch_dtype  # noqa: B018  (validates the name)
     arch.check_parallel(tp, pp)
     HFCheckpointReader(hf_path).check_shapes(hf_shapes(arch))
     tmp = prepare_output(megatron_path, overwrite, "--megatron-path")
@@ -196,8 +199,8 @@ def megatron_to_hf(megatron_path: str | Path, hf_path: str | Path, overwrite: bo
     if not (config_dir / "config.json").is_file():
         raise UserError(f"{iter_dir} has no {config_dir.name}/config.json: pass --hf-config DIR "
                         "with the model's original HF config.json and tokenizer files")
-    arch = read_arch(iter_dir) if hf_config is None else arch_from_hf_config(
-        load_hf_config(config_dir))
+    source = arch_from_hf_config(load_hf_config(config_dir))  # exported in its dtype
+    arch = read_arch(iter_dir) if hf_config is None else source
     tmp = prepare_output(hf_path, overwrite, "--hf-path")
     try:
         init_distributed(1, 1)
@@ -205,11 +208,13 @@ def megatron_to_hf(megatron_path: str | Path, hf_path: str | Path, overwrite: bo
             raise UserError("megatron-to-hf runs as a single process: launch it without torchrun")
         model = _build(arch, 1, 1)
         load_model_checkpoint(model, iter_dir)
+        params = {canonical_name(n): p.detach() for n, p in model.named_parameters()}
+        del model
         writer = HFShardWriter(tmp, max_shard_bytes)
         names = [n for m in param_mappings(arch) for n in m.hf]
         bar = _tqdm(len(set(names)), "megatron->hf", show_progress)
-        for name, tensor in iter_hf_tensors(model, arch):
-            writer.add(name, tensor.to(arch.torch_dtype))
+        for name, tensor in iter_hf_tensors(params, arch):
+            writer.add(name, tensor.to(source.torch_dtype))
             if bar is not None:
                 bar.update(1)
         if bar is not None:

@@ -17,6 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from megatron_sppo.checkpoint.hf_io import copy_non_weight_files
@@ -78,10 +79,40 @@ def hf_config_dir(iter_dir: str | Path) -> Path:
     return Path(iter_dir) / HF_CONFIG_DIR
 
 
+def _hand_views_to_writer(state: dict) -> None:
+    """Give the checkpoint writer its own copy of every shard that is a view of a larger
+    parameter (SwiGLU's gate/up halves of linear_fc1), freeing that parameter right away.
+
+    The torch_dist writer clones views itself, which would hold a second copy of those
+    weights while the model is still alive; this does it one parameter at a time instead.
+    The model's parameters are unusable afterwards.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    apply_factories(state)
+    by_storage: dict[int, list] = {}
+    for value in nested_values(state):
+        if isinstance(value, ShardedTensor) and value.data is not None:
+            by_storage.setdefault(value.data.untyped_storage().data_ptr(), []).append(value)
+    for shards in by_storage.values():
+        storage = shards[0].data.untyped_storage()
+        if all(sh.data.nbytes == storage.nbytes() and sh.data.is_contiguous() for sh in shards):
+            continue
+        for sh in shards:
+            sh.data = sh.data.clone()
+        storage.resize_(0)
+
+
 def save_model_checkpoint(model, root: str | Path, iteration: int, arch: ModelArch,
-                          hf_dir: str | Path, extra_common: dict | None = None) -> Path:
+                          hf_dir: str | Path, extra_common: dict | None = None,
+                          release_model: bool = False) -> Path:
     """Collective: every rank saves its shards of ``model`` (one GPTModel chunk) as
-    ``<root>/iter_<iteration>``; rank 0 adds the metadata, the HF files and the tracker."""
+    ``<root>/iter_<iteration>``; rank 0 adds the metadata, the HF files and the tracker.
+
+    ``release_model=True`` (conversion) frees parameters as the writer takes them over, so
+    saving needs no second copy of the model; the model must not be used afterwards.
+    """
     from megatron.core import dist_checkpointing, parallel_state
 
     final = iteration_dir(root, iteration)
@@ -92,6 +123,8 @@ def save_model_checkpoint(model, root: str | Path, iteration: int, arch: ModelAr
     _barrier()
     state = {"model": model.sharded_state_dict(), "iteration": iteration,
              "checkpoint_version": CHECKPOINT_VERSION, **(extra_common or {})}
+    if release_model:
+        _hand_views_to_writer(state)
     dist_checkpointing.save(state, str(partial))
     if _rank0():
         meta = {"format": "megatron_sppo/1", "arch": arch.to_json(), "iteration": iteration,
@@ -107,8 +140,20 @@ def save_model_checkpoint(model, root: str | Path, iteration: int, arch: ModelAr
 
 
 def load_model_checkpoint(model, iter_dir: str | Path) -> None:
-    """Collective: load ``iter_dir`` into this rank's model chunk at whatever TP/PP it has."""
-    from megatron.core import dist_checkpointing
+    """Collective: load ``iter_dir`` into this rank's model chunk at whatever TP/PP it has.
 
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(iter_dir))
-    model.load_state_dict(state["model"], strict=True)
+    The shards are read straight into the parameters (factories such as SwiGLU's gate/up
+    split are applied first, so no merged copy of linear_fc1 is ever materialised).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    sharded = {"model": model.sharded_state_dict()}
+    apply_factories(sharded)
+    loaded = dist_checkpointing.load(sharded, str(iter_dir))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    for tensor in nested_values(loaded["model"]):
+        if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in params:
+            raise RuntimeError("dist_checkpointing returned a tensor that is not a view of a "
+                               "parameter: the in-place load assumption no longer holds")

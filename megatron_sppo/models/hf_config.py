@@ -57,6 +57,11 @@ class ModelArch:
     qk_layernorm: bool
     dtype: str
 
+    def __post_init__(self):
+        if self.dtype not in _DTYPES:
+            raise UserError(f"dtype {self.dtype!r} is not one of {', '.join(_DTYPES)}: "
+                            "set torch_dtype in config.json or pass --dtype")
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
@@ -157,8 +162,6 @@ def arch_from_hf_config(cfg: dict, vocab_pad_multiple: int = VOCAB_PAD_MULTIPLE)
                         f"num_key_value_heads={kv_heads}: the config is broken")
     hidden = int(cfg["hidden_size"])
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
-    if dtype not in _DTYPES:
-        raise UserError(f"dtype {dtype!r} in config.json is not one of {', '.join(_DTYPES)}")
     vocab = int(cfg["vocab_size"])
     return ModelArch(
         family=family,

@@ -198,36 +198,13 @@ def build_tiny_hf_model(
     return model, tok
 
 
-def make_tiny_hf_model(
-    out_dir,
-    family: str = "qwen2",
-    *,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    intermediate_size: int = 128,
-    tie_word_embeddings: bool = False,
-    head_dim: int | None = None,
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-    rope_theta: float = 10000.0,
-    rope_scaling: dict | None = None,
-    max_position_embeddings: int = 512,
-) -> Path:
+def make_tiny_hf_model(out_dir, family: str = "qwen2", **kwargs) -> Path:
     """Write a random ``family`` checkpoint (safetensors, tokenizer, generation config) to ``out_dir``.
 
-    Same arguments give bit-identical files, so tests can rebuild instead of
-    caching. ``rope_scaling`` (e.g. a llama3 dict) is merged into
-    ``config.rope_parameters``; ``head_dim`` defaults to hidden_size // num_heads.
+    Keywords are those of :func:`build_tiny_hf_model`. Same arguments give bit-identical
+    files, so tests can rebuild instead of caching.
     """
-    model, tok = build_tiny_hf_model(
-        family, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-        num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
-        tie_word_embeddings=tie_word_embeddings, head_dim=head_dim, dtype=dtype, seed=seed,
-        rope_theta=rope_theta, rope_scaling=rope_scaling,
-        max_position_embeddings=max_position_embeddings,
-    )
+    model, tok = build_tiny_hf_model(family, **kwargs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -27,7 +27,6 @@ are thread-local).
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import warnings
 
@@ -170,10 +169,9 @@ def enable_cpu_megatron() -> bool:
     torch.nn.Module.cuda = lambda self, *args, **kwargs: self
     torch.Tensor.type = _tensor_type_as_cuda(torch.Tensor.type)
 
-    # Expected on CPU: no CUDA toolkit for extensions, and megatron-core falls back to its pure-PyTorch multi-tensor kernels.
+    # Expected on CPU: megatron-core falls back to its pure-PyTorch multi-tensor kernels.
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     warnings.filterwarnings("ignore", message="Apex is not installed")
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     _patch_megatron_rng()
     _CudaToCpuMode().__enter__()  # global for the main thread; never exited
     _ENABLED = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -70,4 +71,5 @@ def hf_logits(hf_dir: str, ids: torch.Tensor) -> torch.Tensor:
 
 def report(obj) -> None:
     """Print one RESULT line (the tests parse it) from the rank that holds the output."""
-    print("RESULT " + json.dumps(obj), flush=True)
+    sys.stdout.flush()  # one write() per line: ranks share the pipe and must not interleave
+    os.write(sys.stdout.fileno(), ("RESULT " + json.dumps(obj) + "\n").encode())
