@@ -125,8 +125,9 @@ def _hf_to_megatron_rank(hf_path: str, tmp: str, arch: ModelArch, tp: int, pp: i
     """One target rank: build its shard, fill it from HF, save it (collective)."""
     from megatron.core import parallel_state
 
-    from megatron_sppo.runtime import init_distributed
+    from megatron_sppo.runtime import enable_cpu_megatron, init_distributed
 
+    enable_cpu_megatron(force=True)  # conversion is a host-memory job, also on GPU nodes
     init_distributed(tp, pp)
     model = _build(arch, tp, pp)
     first = torch.distributed.get_rank() == 0
@@ -141,8 +142,7 @@ def _hf_to_megatron_rank(hf_path: str, tmp: str, arch: ModelArch, tp: int, pp: i
 
 def _spawned_rank(rank: int, world: int, port: int, *args) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      MEGATRON_SPPO_FORCE_CPU="1")
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     _hf_to_megatron_rank(*args)
     torch.distributed.destroy_process_group()
@@ -192,7 +192,7 @@ def megatron_to_hf(megatron_path: str | Path, hf_path: str | Path, overwrite: bo
                    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                    show_progress: bool = True) -> ModelArch:
     """Export a Megatron checkpoint (any saved TP/PP) to sharded HF safetensors."""
-    from megatron_sppo.runtime import init_distributed
+    from megatron_sppo.runtime import enable_cpu_megatron, init_distributed
 
     iter_dir = resolve_checkpoint(megatron_path)
     config_dir = Path(hf_config) if hf_config else hf_config_dir(iter_dir)
@@ -203,6 +203,7 @@ def megatron_to_hf(megatron_path: str | Path, hf_path: str | Path, overwrite: bo
     arch = read_arch(iter_dir) if hf_config is None else source
     tmp = prepare_output(hf_path, overwrite, "--hf-path")
     try:
+        enable_cpu_megatron(force=True)
         init_distributed(1, 1)
         if torch.distributed.get_world_size() != 1:
             raise UserError("megatron-to-hf runs as a single process: launch it without torchrun")

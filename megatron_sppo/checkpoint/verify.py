@@ -21,10 +21,11 @@ def compare_logits(megatron_path: str | Path, hf_path: str | Path, seq_len: int 
 
     from megatron_sppo.models.builder import build_gpt_model, transformer_config
     from megatron_sppo.models.inputs import causal_inputs
-    from megatron_sppo.runtime import init_distributed
+    from megatron_sppo.runtime import enable_cpu_megatron, init_distributed
 
     iter_dir = resolve_checkpoint(megatron_path)
     arch = read_arch(iter_dir)
+    enable_cpu_megatron(force=True)  # compared with transformers on the host, in fp32
     init_distributed(1, 1)
     model = build_gpt_model(arch, transformer_config(arch, params_dtype=torch.float32,
                                                      perform_initialization=False))

@@ -126,17 +126,19 @@ def _patch_megatron_rng() -> None:
     mcore_random._set_cuda_rng_state = set_rng_state
 
 
-def enable_cpu_megatron() -> bool:
+def enable_cpu_megatron(force: bool = False) -> bool:
     """Install the CPU device layer if CUDA is absent. Idempotent.
 
     Returns True when the layer is active (now or from an earlier call), False on a GPU
-    machine, where nothing is changed. ``MEGATRON_SPPO_FORCE_CPU=1`` installs it even when
-    CUDA is present, for CPU-only tools such as checkpoint conversion on a login node.
+    machine, where nothing is changed. ``force=True`` (or ``MEGATRON_SPPO_FORCE_CPU=1``)
+    installs it even when CUDA is present, for CPU jobs such as checkpoint conversion,
+    which must not take GPU memory from a job sharing the node.
     """
     global _ENABLED
     if _ENABLED:
         return True
-    if torch.cuda.is_available() and os.environ.get("MEGATRON_SPPO_FORCE_CPU") != "1":
+    force = force or os.environ.get("MEGATRON_SPPO_FORCE_CPU") == "1"
+    if torch.cuda.is_available() and not force:
         return False
 
     cuda = torch.cuda
