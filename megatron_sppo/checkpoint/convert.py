@@ -66,8 +66,12 @@ def _layer_offset(model) -> int:
     return layers[0].layer_number - 1 if layers else 0
 
 
-def load_hf_weights(model, reader: HFCheckpointReader, arch: ModelArch, progress=None) -> None:
-    """Fill this rank's GPTModel chunk (its TP shard and PP stage) from HF tensors."""
+def load_hf_weights(model, reader: HFCheckpointReader, arch: ModelArch, progress=None,
+                    include_head: bool = True) -> None:
+    """Fill this rank's GPTModel chunk (its TP shard and PP stage) from HF tensors.
+
+    ``include_head=False`` leaves ``output_layer`` alone (a critic's new scalar head).
+    """
     from megatron.core import parallel_state
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -76,6 +80,8 @@ def load_hf_weights(model, reader: HFCheckpointReader, arch: ModelArch, progress
     mappings = {m.megatron: m for m in param_mappings(arch)}
     with torch.no_grad():
         for name, param in model.named_parameters():
+            if not include_head and name.startswith("output_layer."):
+                continue
             mapping = mappings.get(canonical_name(name, offset))
             if mapping is None:
                 raise RuntimeError(f"megatron parameter {name} has no HF mapping "

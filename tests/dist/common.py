@@ -35,8 +35,9 @@ def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def forward_logits(model, ids: torch.Tensor) -> torch.Tensor | None:
-    """Full-vocabulary logits through megatron's pipeline schedule (forward only).
+def forward_logits(model, ids: torch.Tensor, vocab_parallel: bool = True) -> torch.Tensor | None:
+    """Full-vocabulary logits (or a critic's [b, s, 1] values when ``vocab_parallel`` is
+    False) through megatron's pipeline schedule, forward only.
 
     Returns the logits on the last pipeline stage, None elsewhere.
     """
@@ -50,7 +51,7 @@ def forward_logits(model, ids: torch.Tensor) -> torch.Tensor | None:
         out = model_chunk(batch, pos, mask)
 
         def loss_func(output):
-            collected.append(gather_vocab(output))
+            collected.append(gather_vocab(output) if vocab_parallel else output)
             return output.sum() * 0.0, {}
 
         return out, loss_func
