@@ -1,0 +1,31 @@
+"""Micro-batches formed by a token budget (dynamic batching), not by a fixed count.
+
+A padded micro-batch costs (number of sequences) x (its longest sequence) tokens of
+activation memory. Sorting by length and filling each micro-batch up to ``max_tokens`` keeps
+long responses from running out of memory while short ones still fill the GPU.
+"""
+
+from __future__ import annotations
+
+from megatron_sppo.errors import UserError
+
+
+def token_budget_microbatches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices of the sequences in each micro-batch; every index appears exactly once.
+
+    Longest first: a micro-batch's padded size is len(micro-batch) x its first length.
+    """
+    if max_tokens <= 0:
+        raise UserError(f"max_tokens_per_microbatch={max_tokens} must be > 0")
+    longest = max(lengths, default=0)
+    if longest > max_tokens:
+        raise UserError(f"a sequence of {longest} tokens exceeds max_tokens_per_microbatch="
+                        f"{max_tokens}: raise it to at least prompt + response length")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
