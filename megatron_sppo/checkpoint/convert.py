@@ -95,6 +95,21 @@ def load_hf_weights(model, reader: HFCheckpointReader, arch: ModelArch, progress
                 progress.update(1)
 
 
+def model_from_hf(hf_path: str | Path, *, tp: int = 1, pp: int = 1, critic: bool = False,
+                  **config_overrides):
+    """(arch, TransformerConfig, this rank's GPTModel chunk) built and filled from an HF
+    checkpoint, for the parallel layout already initialised (policy, or critic with its new
+    scalar head). ``config_overrides`` go to the TransformerConfig."""
+    from megatron_sppo.models.builder import build_gpt_model, transformer_config
+    from megatron_sppo.models.critic import build_critic_model
+
+    arch = arch_from_hf_config(load_hf_config(hf_path))
+    config = transformer_config(arch, tp=tp, pp=pp, **config_overrides)
+    model = (build_critic_model if critic else build_gpt_model)(arch, config)
+    load_hf_weights(model, HFCheckpointReader(hf_path), arch, include_head=not critic)
+    return arch, config, model
+
+
 def iter_hf_tensors(params: dict[str, torch.Tensor],
                     arch: ModelArch) -> Iterator[tuple[str, torch.Tensor]]:
     """HF-named tensors from full (TP=1/PP=1) megatron tensors keyed by canonical name.

@@ -19,20 +19,19 @@ from megatron_sppo.models.hf_config import ModelArch
 class ScalarHead(torch.nn.Module):
     """Stands in for GPTModel.output_layer: forward(hidden [s, b, h]) -> ([s, b, 1] fp32, None).
 
-    The head is new, so it starts at zero: every prompt gets V = sigmoid(bias) (0.5 unless
-    ``init_bias`` is set, e.g. to the logit of a measured success rate). With sequence
+    The head is new, so it starts at zero: every prompt gets V = 0.5 until it learns (the
+    trainer may set the bias to the logit of a measured success rate). With sequence
     parallelism each TP rank scores its own slice of the sequence; the weight is marked
     ``sequence_parallel`` so megatron-core all-reduces its gradient across TP, and the
     scalar outputs (not the hidden states) are gathered.
     """
 
-    def __init__(self, config, init_bias: float = 0.0):
+    def __init__(self, config):
         super().__init__()
         self.sequence_parallel = config.sequence_parallel
         self.weight = torch.nn.Parameter(torch.zeros(1, config.hidden_size,
                                                      dtype=config.params_dtype))
-        self.bias = torch.nn.Parameter(torch.full((1,), float(init_bias),
-                                                  dtype=config.params_dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=config.params_dtype))
         for param in (self.weight, self.bias):
             param.sequence_parallel = config.sequence_parallel
 
@@ -45,11 +44,11 @@ class ScalarHead(torch.nn.Module):
         return out, None
 
 
-def build_critic_model(arch: ModelArch, config, *, init_bias: float = 0.0, **kwargs):
+def build_critic_model(arch: ModelArch, config, **kwargs):
     """GPTModel for this rank's stage with the scalar head on the last stage."""
     model = build_gpt_model(dataclasses.replace(arch, tie_embeddings=False), config, **kwargs)
     if model.post_process:
-        model.output_layer = ScalarHead(config, init_bias)
+        model.output_layer = ScalarHead(config)
     return model
 
 

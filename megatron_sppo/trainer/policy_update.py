@@ -1,11 +1,9 @@
 """The policy's forward/backward inside megatron-core's schedules.
 
-One call runs every micro-batch of a PPO mini-batch through ``get_forward_backward_func``
-(pipeline parallel, DDP), computing per-token log-probs and entropy from vocab-parallel
-logits and the clipped PPO loss. With ``config.calculate_per_token_loss`` each micro-batch
-returns ``(loss_sum, denominator, metrics)``; megatron-core sums both over micro-batches and
-data-parallel ranks and divides the gradients once, so token-mean is the true mean over the
-whole mini-batch however it is split.
+One call runs every micro-batch of a PPO mini-batch (formed by token budget) through
+megatron-core's schedule (trainer/schedule.py: pipeline parallel, DDP, per-token loss
+accounting), computing per-token log-probs and entropy from vocab-parallel logits and the
+clipped PPO loss.
 """
 
 from __future__ import annotations
@@ -16,8 +14,8 @@ import torch
 
 from megatron_sppo.algorithms import PolicyLossConfig, policy_loss
 from megatron_sppo.data.batching import token_budget_microbatches
-from megatron_sppo.models.inputs import causal_inputs
 from megatron_sppo.models.logprobs import token_logprobs_and_entropy
+from megatron_sppo.trainer.schedule import run_microbatches
 
 
 @dataclass
@@ -58,39 +56,28 @@ def policy_forward_backward(model, batch: PolicyBatch, *, vocab_size: int, tempe
     """Run the mini-batch; returns one dict per micro-batch (on the last pipeline stage).
 
     forward_only: no loss or gradients; each dict holds ``rows`` and their ``logprobs``
-    (the old log-probs of the pre-update policy). Otherwise the dicts hold ``loss_sum``,
-    ``denominator`` and per-token ``metrics`` inputs, and gradients are accumulated in the
-    DDP buffers (call optimizer.step() afterwards).
+    (the old log-probs of the pre-update policy). Otherwise the dicts hold ``loss_sum`` and
+    ``denominator``, and gradients are accumulated in the DDP buffers (call
+    optimizer.step() afterwards).
     """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     loss_cfg = loss_cfg or PolicyLossConfig()
     groups = token_budget_microbatches(batch.lengths.tolist(), max_tokens)
-    micro_batches = iter([(rows, batch.micro(rows)) for rows in groups])
 
-    def step(data_iterator, model_chunk):
-        rows, mb = next(data_iterator)
-        logits = model_chunk(mb.input_ids, *causal_inputs(mb.input_ids))
+    def loss(output, item):
+        rows, mb = item
+        logprobs, entropy = token_logprobs_and_entropy(
+            output[:, :-1], mb.input_ids[:, 1:], vocab_size=vocab_size,
+            temperature=temperature, with_entropy=not forward_only)
+        if forward_only:
+            return logprobs.sum(), 1, {"rows": rows, "logprobs": logprobs.detach()}
+        out = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, loss_cfg,
+                          rollout_logprobs=mb.rollout_logprobs, ref_logprobs=mb.ref_logprobs,
+                          entropy=entropy)
+        return out.loss_sum, out.denominator, {}
 
-        def loss_func(output):
-            logprobs, entropy = token_logprobs_and_entropy(
-                output[:, :-1], mb.input_ids[:, 1:], vocab_size=vocab_size,
-                temperature=temperature, with_entropy=not forward_only)
-            if forward_only:
-                return logprobs.sum() * 0.0, {"rows": rows, "logprobs": logprobs.detach()}
-            out = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask,
-                              loss_cfg, rollout_logprobs=mb.rollout_logprobs,
-                              ref_logprobs=mb.ref_logprobs, entropy=entropy)
-            stats = {"loss_sum": out.loss_sum.detach().clone(),
-                     "denominator": out.denominator.detach().clone()}
-            return out.loss_sum, out.denominator.to(torch.int), stats
-
-        return logits, loss_func
-
-    return get_forward_backward_func()(
-        forward_step_func=step, data_iterator=micro_batches, model=[model],
-        num_microbatches=len(groups), seq_length=int(batch.lengths.max()),
-        micro_batch_size=1, forward_only=forward_only)
+    micro = [(rows, batch.micro(rows)) for rows in groups]
+    return run_microbatches(model, [(mb.input_ids, (rows, mb)) for rows, mb in micro], loss,
+                            forward_only)
 
 
 def gather_logprobs(results: list[dict], batch: PolicyBatch) -> torch.Tensor:

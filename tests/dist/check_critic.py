@@ -9,10 +9,8 @@ import argparse
 import torch
 from common import forward_logits, report, sample_batch
 
-from megatron_sppo.checkpoint.convert import load_hf_weights
-from megatron_sppo.checkpoint.hf_io import HFCheckpointReader
-from megatron_sppo.models import arch_from_hf_config, load_hf_config, transformer_config
-from megatron_sppo.models.critic import build_critic_model, logits_at
+from megatron_sppo.checkpoint.convert import model_from_hf
+from megatron_sppo.models.critic import logits_at
 from megatron_sppo.runtime import init_distributed
 
 BIAS = 0.3
@@ -29,15 +27,13 @@ def main():
     parser.add_argument("--pp", type=int, default=1)
     args = parser.parse_args()
     init_distributed(args.tp, args.pp)
-    arch = arch_from_hf_config(load_hf_config(args.hf_dir))
-    model = build_critic_model(arch, transformer_config(arch, tp=args.tp, pp=args.pp),
-                               init_bias=BIAS)
-    load_hf_weights(model, HFCheckpointReader(args.hf_dir), arch, include_head=False)
+    arch, _, model = model_from_hf(args.hf_dir, tp=args.tp, pp=args.pp, critic=True)
     if model.post_process:
         head = model.output_layer
         initial = torch.sigmoid(head.bias).item() if not head.weight.any() else None
         with torch.no_grad():
             head.weight.copy_(head_weight(arch.hidden_size))
+            head.bias.fill_(BIAS)
     ids = sample_batch(arch.vocab_size, batch=3, seq=9)
     with torch.no_grad():
         values = forward_logits(model, ids, vocab_parallel=False)

@@ -11,11 +11,9 @@ import argparse
 import torch
 from common import forward_logits, hf_logits, report, sample_batch
 
-from megatron_sppo.checkpoint.convert import load_hf_weights
-from megatron_sppo.checkpoint.hf_io import HFCheckpointReader
+from megatron_sppo.checkpoint.convert import model_from_hf
 from megatron_sppo.checkpoint.megatron_io import load_model_checkpoint, read_arch, resolve_checkpoint
-from megatron_sppo.models import arch_from_hf_config, build_gpt_model, load_hf_config
-from megatron_sppo.models import transformer_config
+from megatron_sppo.models import build_gpt_model, transformer_config
 from megatron_sppo.runtime import init_distributed
 
 
@@ -31,13 +29,10 @@ def main():
         if args.megatron:
             iter_dir = resolve_checkpoint(args.megatron)
             arch = read_arch(iter_dir)
-        else:
-            arch = arch_from_hf_config(load_hf_config(hf_dir))
-        model = build_gpt_model(arch, transformer_config(arch, tp=args.tp, pp=args.pp))
-        if args.megatron:
+            model = build_gpt_model(arch, transformer_config(arch, tp=args.tp, pp=args.pp))
             load_model_checkpoint(model, iter_dir)
         else:
-            load_hf_weights(model, HFCheckpointReader(hf_dir), arch)
+            arch, _, model = model_from_hf(hf_dir, tp=args.tp, pp=args.pp)
         local = sum(p.numel() for p in model.parameters())
         total = torch.tensor([local])
         torch.distributed.all_reduce(total)

@@ -12,11 +12,8 @@ import torch
 from common import report
 
 from megatron_sppo.algorithms import AdvantageBatch, PolicyLossConfig, compute_advantages
-from megatron_sppo.checkpoint.convert import load_hf_weights
-from megatron_sppo.checkpoint.hf_io import HFCheckpointReader
+from megatron_sppo.checkpoint.convert import model_from_hf
 from megatron_sppo.checkpoint.megatron_io import save_model_checkpoint
-from megatron_sppo.models import arch_from_hf_config, build_gpt_model, load_hf_config
-from megatron_sppo.models import transformer_config
 from megatron_sppo.runtime import init_distributed
 from megatron_sppo.trainer.policy_update import PolicyBatch, gather_logprobs
 from megatron_sppo.trainer.policy_update import policy_forward_backward
@@ -56,11 +53,9 @@ def main():
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     init_distributed(args.tp, args.pp)
-    arch = arch_from_hf_config(load_hf_config(args.hf_dir))
-    config = transformer_config(arch, tp=args.tp, pp=args.pp, calculate_per_token_loss=True,
-                                variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
-    model = build_gpt_model(arch, config)
-    load_hf_weights(model, HFCheckpointReader(args.hf_dir), arch)
+    arch, config, model = model_from_hf(
+        args.hf_dir, tp=args.tp, pp=args.pp, calculate_per_token_loss=True,
+        variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
                                   module=model)
     optimizer = get_megatron_optimizer(

@@ -12,11 +12,9 @@ import argparse
 import torch
 from common import causal_inputs, report, sample_batch
 
-from megatron_sppo.checkpoint.convert import load_hf_weights
-from megatron_sppo.checkpoint.hf_io import HFCheckpointReader
+from megatron_sppo.checkpoint.convert import model_from_hf
 from megatron_sppo.checkpoint.megatron_io import save_model_checkpoint
-from megatron_sppo.models import arch_from_hf_config, build_gpt_model, load_hf_config
-from megatron_sppo.models import mask_padded_logits, transformer_config
+from megatron_sppo.models import mask_padded_logits
 from megatron_sppo.runtime import init_distributed
 
 
@@ -40,10 +38,7 @@ def main():
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     init_distributed(args.tp, args.pp)
-    arch = arch_from_hf_config(load_hf_config(args.hf_dir))
-    config = transformer_config(arch, tp=args.tp, pp=args.pp)
-    model = build_gpt_model(arch, config)
-    load_hf_weights(model, HFCheckpointReader(args.hf_dir), arch)
+    arch, config, model = model_from_hf(args.hf_dir, tp=args.tp, pp=args.pp)
     ddp = DistributedDataParallel(
         config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), module=model)
     optimizer = get_megatron_optimizer(

@@ -1,0 +1,64 @@
+"""The SPPO critic's forward/backward inside megatron-core's schedule.
+
+The critic reads the prompt only: its logit at the last prompt token is f(prompt), and
+V(prompt) = sigmoid(f) is the predicted probability that the policy solves it. Values are
+computed with the pre-update critic (``forward_only``), then it learns with binary
+cross-entropy on the 0/1 correctness, averaged over all prompts of the mini-batch across
+micro-batches and data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_sppo.algorithms import bce_value_loss
+from megatron_sppo.data.batching import token_budget_microbatches
+from megatron_sppo.models.critic import logits_at
+from megatron_sppo.trainer.schedule import run_microbatches
+
+
+@dataclass
+class CriticBatch:
+    """Right-padded prompts of this data-parallel rank, in the critic's own tokenization.
+
+    prompt_ids: [B, P]; prompt_lengths: [B]; correctness: [B] 0/1 (None for values only).
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_lengths: torch.Tensor
+    correctness: torch.Tensor | None = None
+
+    def micro(self, rows: list[int]) -> "CriticBatch":
+        idx = torch.tensor(rows)
+        width = int(self.prompt_lengths[idx].max())
+        return CriticBatch(self.prompt_ids[idx, :width], self.prompt_lengths[idx],
+                           None if self.correctness is None else self.correctness[idx])
+
+
+def critic_forward_backward(model, batch: CriticBatch, *, max_tokens: int,
+                            forward_only: bool = False) -> list[dict]:
+    """forward_only: dicts with ``rows`` and their ``logits`` f(prompt); otherwise the BCE
+    update's gradients are accumulated in the DDP buffers (call optimizer.step() after)."""
+    groups = token_budget_microbatches(batch.prompt_lengths.tolist(), max_tokens)
+
+    def loss(output, item):
+        rows, mb = item
+        logits = logits_at(output, mb.prompt_lengths - 1)
+        if forward_only:
+            return logits.sum(), 1, {"rows": rows, "logits": logits.detach()}
+        out = bce_value_loss(logits, mb.correctness)
+        return out.loss_sum, out.denominator, {}
+
+    micro = [(rows, batch.micro(rows)) for rows in groups]
+    return run_microbatches(model, [(mb.prompt_ids, (rows, mb)) for rows, mb in micro], loss,
+                            forward_only)
+
+
+def gather_critic_logits(results: list[dict], batch_size: int) -> torch.Tensor:
+    """Forward-only results -> [B] critic logits in the batch's row order."""
+    out = torch.zeros(batch_size)
+    for r in results:
+        out[torch.tensor(r["rows"])] = r["logits"]
+    return out

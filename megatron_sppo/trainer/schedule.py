@@ -1,0 +1,48 @@
+"""Run a mini-batch's micro-batches through megatron-core's forward/backward schedule.
+
+Shared by the policy and the critic updates: the caller supplies the micro-batches (each
+with its right-padded token ids, run causally through the model) and a loss that returns
+``(loss_sum, denominator, stats)``. With
+``config.calculate_per_token_loss`` megatron-core sums loss_sum and denominator over
+micro-batches and data-parallel ranks and divides the gradients once, so the update is the
+true mean over the whole mini-batch however it was split (tokens for the policy, prompts for
+the SPPO critic). Forward-only runs return whatever ``stats`` the loss gives back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+
+def run_microbatches(model, micro_batches: list[tuple[torch.Tensor, Any]],
+                     loss: Callable[[torch.Tensor, Any], tuple],
+                     forward_only: bool = False) -> list[dict]:
+    """micro_batches: (input_ids [b, s], mb) pairs; loss(model output, mb) ->
+    (loss_sum, denominator, stats). Returns the stats dicts (on the last pipeline stage;
+    empty elsewhere).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_sppo.models.inputs import causal_inputs
+
+    def step(data_iterator, model_chunk):
+        ids, mb = next(data_iterator)
+
+        def loss_func(output):
+            loss_sum, denominator, stats = loss(output, mb)
+            if forward_only:
+                return loss_sum.detach() * 0.0, stats
+            # the schedule scales loss_sum in place: report copies
+            stats = {"loss_sum": loss_sum.detach().clone(),
+                     "denominator": torch.as_tensor(denominator).detach().clone(), **stats}
+            return loss_sum, torch.as_tensor(denominator).to(torch.int), stats
+
+        return model_chunk(ids, *causal_inputs(ids)), loss_func
+
+    return get_forward_backward_func()(
+        forward_step_func=step, data_iterator=iter(micro_batches), model=[model],
+        num_microbatches=len(micro_batches),
+        seq_length=max(ids.shape[1] for ids, _ in micro_batches), micro_batch_size=1,
+        forward_only=forward_only)
