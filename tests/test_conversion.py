@@ -215,6 +215,17 @@ def test_megatron_checkpoint_without_hf_config(zoo, tmp_path, capsys):
     assert_bit_identical(load_hf_tensors(zoo["qwen2_gqa_untied"]), load_hf_tensors(out))
 
 
+def test_critic_checkpoint_is_not_exported(zoo, tmp_path, capsys, megatron_tp1):
+    from megatron_sppo.checkpoint.convert import model_from_hf
+    from megatron_sppo.checkpoint.megatron_io import save_model_checkpoint
+
+    arch, _, critic = model_from_hf(zoo["qwen2_gqa_untied"], critic=True)
+    save_model_checkpoint(critic, tmp_path / "critic", 3, arch, zoo["qwen2_gqa_untied"])
+    _fails(capsys, ["convert", "megatron-to-hf", "--megatron-path", str(tmp_path / "critic"),
+                    "--hf-path", str(tmp_path / "o"), "--no-progress"], "critic",
+           out=tmp_path / "o")
+
+
 def test_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     _fails(capsys, ["convert", "megatron-to-hf", "--megatron-path", str(tmp_path / "empty"),

@@ -24,7 +24,8 @@ from megatron_sppo.checkpoint.hf_io import copy_non_weight_files
 from megatron_sppo.checkpoint.hf_mapping import (canonical_name, hf_shapes, hf_tensors_from_megatron,
                                                  megatron_shard, param_mappings)
 from megatron_sppo.checkpoint.megatron_io import (hf_config_dir, load_model_checkpoint, read_arch,
-                                                  resolve_checkpoint, save_model_checkpoint)
+                                                  read_meta, resolve_checkpoint,
+                                                  save_model_checkpoint)
 from megatron_sppo.errors import UserError
 from megatron_sppo.models.hf_config import ModelArch, arch_from_hf_config, load_hf_config
 
@@ -222,6 +223,9 @@ def megatron_to_hf(megatron_path: str | Path, hf_path: str | Path, overwrite: bo
                         "with the model's original HF config.json and tokenizer files")
     source = arch_from_hf_config(load_hf_config(config_dir))  # exported in its dtype
     arch = read_arch(iter_dir) if hf_config is None else source
+    if hf_config is None and read_meta(iter_dir).get("model") == "critic":
+        raise UserError(f"{iter_dir} is a critic (scalar value head), which has no HF "
+                        "CausalLM form: export the policy checkpoint instead")
     tmp = prepare_output(hf_path, overwrite, "--hf-path")
     try:
         enable_cpu_megatron(force=True)

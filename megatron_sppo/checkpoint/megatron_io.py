@@ -67,12 +67,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise UserError(f"{tracker} holds {text!r}, not an iteration number: fix or delete it")
 
 
-def read_arch(iter_dir: str | Path) -> ModelArch:
+def read_meta(iter_dir: str | Path) -> dict:
     meta = Path(iter_dir) / META_NAME
     if not meta.is_file():
         raise UserError(f"{iter_dir} has no {META_NAME}: it was not written by megatron-sppo; "
                         f"pass --hf-config DIR with the model's original config.json and tokenizer")
-    return ModelArch.from_json(json.loads(meta.read_text())["arch"])
+    return json.loads(meta.read_text())
+
+
+def read_arch(iter_dir: str | Path) -> ModelArch:
+    return ModelArch.from_json(read_meta(iter_dir)["arch"])
 
 
 def hf_config_dir(iter_dir: str | Path) -> Path:
@@ -127,7 +131,11 @@ def save_model_checkpoint(model, root: str | Path, iteration: int, arch: ModelAr
         _hand_views_to_writer(state)
     dist_checkpointing.save(state, str(partial))
     if _rank0():
+        from megatron_sppo.models.critic import ScalarHead
+
+        head = getattr(model, "output_layer", None)
         meta = {"format": "megatron_sppo/1", "arch": arch.to_json(), "iteration": iteration,
+                "model": "critic" if isinstance(head, ScalarHead) else "policy",
                 "saved_tp": parallel_state.get_tensor_model_parallel_world_size(),
                 "saved_pp": parallel_state.get_pipeline_model_parallel_world_size()}
         (partial / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
