@@ -3,7 +3,7 @@
 HF -> Megatron runs one worker per target (TP, PP) rank: under torchrun/srun the launched
 ranks are the workers; from a plain process, ``tp*pp`` local CPU workers are spawned (gloo).
 Each worker builds only its own model shard, reads only the HF tensors it needs (one at a
-time, memory-mapped) and writes its part of the torch_dist checkpoint, so peak host memory
+time) and writes its part of the torch_dist checkpoint, so peak host memory
 stays near the model's size S in total. Megatron -> HF loads the checkpoint at TP=1/PP=1
 (dist_checkpointing reshards on load) and streams HF shards out.
 Everything is written to a hidden sibling directory and renamed into place at the end.
