@@ -12,8 +12,6 @@ import transformers
 from helpers import DIST, load_hf_tensors, torchrun
 
 from megatron_sppo.algorithms import PolicyLossConfig, policy_loss
-from megatron_sppo.data.batching import token_budget_microbatches
-from megatron_sppo.errors import UserError
 
 sys.path.insert(0, str(DIST))
 
@@ -74,15 +72,3 @@ def test_layouts_and_microbatchings_agree(zoo, baseline, tmp_path, layout):
         # Adam's first step moves by ~lr*sign(g); allow 1% of one step for float order
         assert (ours[name] - value).abs().max().item() < 1e-5, name
         assert not torch.equal(value, original[name]), f"{name} was not updated"
-
-
-def test_token_budget_microbatches():
-    lengths = [5, 9, 3, 9, 4, 1]
-    groups = token_budget_microbatches(lengths, 18)
-    assert sorted(i for g in groups for i in g) == list(range(6))
-    for g in groups:
-        assert len(g) * max(lengths[i] for i in g) <= 18
-    assert groups[0] == [1, 3]  # longest first
-    assert token_budget_microbatches(lengths, 9) == [[1], [3], [0], [4, 2], [5]]
-    with pytest.raises(UserError, match="exceeds max_tokens_per_microbatch=8"):
-        token_budget_microbatches(lengths, 8)

@@ -7,6 +7,10 @@ long responses from running out of memory while short ones still fill the GPU.
 
 from __future__ import annotations
 
+import dataclasses
+
+import torch
+
 from megatron_sppo.errors import UserError
 
 
@@ -29,3 +33,19 @@ def token_budget_microbatches(lengths: list[int], max_tokens: int) -> list[list[
         else:
             batches.append([i])
     return batches
+
+
+def select_rows(batch, rows: list[int], lengths: torch.Tensor):
+    """The rows of a dataclass of [B], [B, S] and [B, S-1] tensors (None fields stay None),
+    trimmed to the longest of those rows (``lengths``: [B] real sequence lengths)."""
+    idx = torch.tensor(rows)
+    values = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    full = max(t.shape[1] for t in values.values() if t is not None and t.dim() == 2)
+    cut = full - int(lengths[idx].max())  # columns of padding every selected row shares
+
+    def take(t):
+        if t is None or t.dim() == 1:
+            return None if t is None else t[idx]
+        return t[idx, : t.shape[1] - cut]
+
+    return dataclasses.replace(batch, **{name: take(t) for name, t in values.items()})

@@ -1,4 +1,5 @@
-"""The SPPO critic's forward/backward inside megatron-core's schedule.
+"""The critic's forward/backward inside megatron-core's schedule: SPPO's prompt-only critic
+and, for the token-level PPO baseline, a critic over every response token.
 
 The critic reads the prompt only: its logit at the last prompt token is f(prompt), and
 V(prompt) = sigmoid(f) is the predicted probability that the policy solves it. Values are
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_sppo.algorithms import bce_value_loss
-from megatron_sppo.data.batching import token_budget_microbatches
+from megatron_sppo.algorithms import bce_value_loss, clipped_value_loss
+from megatron_sppo.data.batching import select_rows, token_budget_microbatches
 from megatron_sppo.models.critic import logits_at
 from megatron_sppo.trainer.schedule import run_microbatches
 
@@ -31,10 +32,7 @@ class CriticBatch:
     correctness: torch.Tensor | None = None
 
     def micro(self, rows: list[int]) -> "CriticBatch":
-        idx = torch.tensor(rows)
-        width = int(self.prompt_lengths[idx].max())
-        return CriticBatch(self.prompt_ids[idx, :width], self.prompt_lengths[idx],
-                           None if self.correctness is None else self.correctness[idx])
+        return select_rows(self, rows, self.prompt_lengths)
 
 
 def critic_forward_backward(model, batch: CriticBatch, *, max_tokens: int,
@@ -62,3 +60,43 @@ def gather_critic_logits(results: list[dict], batch_size: int) -> torch.Tensor:
     for r in results:
         out[torch.tensor(r["rows"])] = r["logits"]
     return out
+
+
+@dataclass
+class TokenCriticBatch:
+    """Token-level PPO (gae): the critic reads prompt + response and predicts V(s_t) at every
+    position; per-token tensors are aligned like the policy's ([B, S-1]: the value at
+    position t is V of the state that predicts token t+1).
+
+    input_ids: [B, S]; lengths: [B]; response_mask: [B, S-1];
+    old_values, returns: [B, S-1] (None for values only).
+    """
+
+    input_ids: torch.Tensor
+    lengths: torch.Tensor
+    response_mask: torch.Tensor
+    old_values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def micro(self, rows: list[int]) -> "TokenCriticBatch":
+        return select_rows(self, rows, self.lengths)
+
+
+def token_critic_forward_backward(model, batch: TokenCriticBatch, *, max_tokens: int,
+                                  clip_range: float = 0.5,
+                                  forward_only: bool = False) -> list[dict]:
+    """forward_only: dicts with ``rows`` and per-token ``values``; otherwise the clipped value
+    loss (token-mean over the mini-batch) is back-propagated."""
+    groups = token_budget_microbatches(batch.lengths.tolist(), max_tokens)
+
+    def loss(output, item):
+        rows, mb = item
+        values = output[:, :-1, 0]
+        if forward_only:
+            return values.sum(), 1, {"rows": rows, "values": values.detach()}
+        out = clipped_value_loss(values, mb.old_values, mb.returns, mb.response_mask, clip_range)
+        return out.loss_sum, out.denominator, {}
+
+    micro = [(rows, batch.micro(rows)) for rows in groups]
+    return run_microbatches(model, [(mb.input_ids, (rows, mb)) for rows, mb in micro], loss,
+                            forward_only)

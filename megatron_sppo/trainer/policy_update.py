@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_sppo.algorithms import PolicyLossConfig, policy_loss
-from megatron_sppo.data.batching import token_budget_microbatches
+from megatron_sppo.data.batching import select_rows, token_budget_microbatches
 from megatron_sppo.models.logprobs import token_logprobs_and_entropy
 from megatron_sppo.trainer.schedule import run_microbatches
 
@@ -37,17 +37,7 @@ class PolicyBatch:
     ref_logprobs: torch.Tensor | None = None
 
     def micro(self, rows: list[int]) -> "PolicyBatch":
-        """The rows of one micro-batch, trimmed to its longest sequence."""
-        width = int(self.lengths[rows].max())
-        idx = torch.tensor(rows)
-
-        def take(t, cols):
-            return None if t is None else t[idx, :cols]
-
-        return PolicyBatch(self.input_ids[idx, :width], self.lengths[idx],
-                           take(self.response_mask, width - 1), take(self.old_logprobs, width - 1),
-                           take(self.advantages, width - 1), take(self.rollout_logprobs, width - 1),
-                           take(self.ref_logprobs, width - 1))
+        return select_rows(self, rows, self.lengths)
 
 
 def policy_forward_backward(model, batch: PolicyBatch, *, vocab_size: int, temperature: float,
