@@ -62,9 +62,6 @@ class HFCheckpointReader:
             raise UserError(f"cannot read {path} ({e}): the shard is truncated or corrupt, "
                             "re-download it")
 
-    def names(self) -> list[str]:
-        return list(self.weight_map)
-
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 

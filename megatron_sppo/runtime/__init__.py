@@ -1,6 +1,6 @@
 """Process-level set-up: distributed init, the CPU device layer for megatron-core."""
 
 from megatron_sppo.runtime.cpu import cpu_megatron_enabled, enable_cpu_megatron
-from megatron_sppo.runtime.distributed import destroy_distributed, init_distributed
+from megatron_sppo.runtime.distributed import init_distributed
 
-__all__ = ["enable_cpu_megatron", "cpu_megatron_enabled", "init_distributed", "destroy_distributed"]
+__all__ = ["enable_cpu_megatron", "cpu_megatron_enabled", "init_distributed"]

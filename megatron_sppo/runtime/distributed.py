@@ -86,13 +86,3 @@ def init_distributed(
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
     return on_cpu
-
-
-def destroy_distributed() -> None:
-    """Tear down megatron's groups and the process group (tests, tools)."""
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
