@@ -5,7 +5,8 @@ ranks are the workers; from a plain process, ``tp*pp`` local CPU workers are spa
 Each worker builds only its own model shard, reads only the HF tensors it needs (one at a
 time) and writes its part of the torch_dist checkpoint, so peak host memory
 stays near the model's size S in total. Megatron -> HF loads the checkpoint at TP=1/PP=1
-(dist_checkpointing reshards on load) and streams HF shards out.
+(dist_checkpointing reshards on load) and streams HF shards out through the same live-model
+exporter the rollout engines' weight sync uses (:mod:`megatron_sppo.rollout.export`).
 Everything is written to a hidden sibling directory and renamed into place at the end.
 """
 
@@ -15,19 +16,19 @@ import dataclasses
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from megatron_sppo.checkpoint.hf_io import DEFAULT_SHARD_BYTES, HFCheckpointReader, HFShardWriter
 from megatron_sppo.checkpoint.hf_io import copy_non_weight_files
-from megatron_sppo.checkpoint.hf_mapping import (canonical_name, hf_shapes, hf_tensors_from_megatron,
-                                                 megatron_shard, param_mappings)
+from megatron_sppo.checkpoint.hf_mapping import (canonical_name, hf_shapes, megatron_shard,
+                                                 param_mappings)
 from megatron_sppo.checkpoint.megatron_io import (hf_config_dir, load_model_checkpoint, read_arch,
                                                   read_meta, resolve_checkpoint,
                                                   save_model_checkpoint)
 from megatron_sppo.errors import UserError
 from megatron_sppo.models.hf_config import ModelArch, arch_from_hf_config, load_hf_config
+from megatron_sppo.rollout.export import iter_hf_tensors_live, layer_offset
 
 
 # ---- output directories: nothing half-written ------------------------------------------
@@ -62,11 +63,6 @@ def commit_output(tmp: Path, path: str | Path) -> None:
 # ---- model shards <-> HF tensors ------------------------------------------------------
 
 
-def _layer_offset(model) -> int:
-    layers = getattr(model.decoder, "layers", None)
-    return layers[0].layer_number - 1 if layers else 0
-
-
 def load_hf_weights(model, reader: HFCheckpointReader, arch: ModelArch, progress=None,
                     include_head: bool = True) -> None:
     """Fill this rank's GPTModel chunk (its TP shard and PP stage) from HF tensors.
@@ -77,7 +73,7 @@ def load_hf_weights(model, reader: HFCheckpointReader, arch: ModelArch, progress
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
-    offset = _layer_offset(model)
+    offset = layer_offset(model)
     mappings = {m.megatron: m for m in param_mappings(arch)}
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -109,19 +105,6 @@ def model_from_hf(hf_path: str | Path, *, tp: int = 1, pp: int = 1, critic: bool
     model = (build_critic_model if critic else build_gpt_model)(arch, config)
     load_hf_weights(model, HFCheckpointReader(hf_path), arch, include_head=not critic)
     return arch, config, model
-
-
-def iter_hf_tensors(params: dict[str, torch.Tensor],
-                    arch: ModelArch) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named tensors from full (TP=1/PP=1) megatron tensors keyed by canonical name.
-
-    ``params`` is consumed: each tensor is dropped once converted, so a caller that writes
-    the results out and holds no other reference keeps about one model's worth in memory.
-    """
-    for mapping in param_mappings(arch):
-        if mapping.megatron == "output_layer.weight" and arch.tie_embeddings:
-            continue
-        yield from hf_tensors_from_megatron(mapping, params.pop(mapping.megatron), arch).items()
 
 
 def _build(arch: ModelArch, tp: int, pp: int):
@@ -234,12 +217,9 @@ def megatron_to_hf(megatron_path: str | Path, hf_path: str | Path, overwrite: bo
             raise UserError("megatron-to-hf runs as a single process: launch it without torchrun")
         model = _build(arch, 1, 1)
         load_model_checkpoint(model, iter_dir)
-        params = {canonical_name(n): p.detach() for n, p in model.named_parameters()}
-        del model
         writer = HFShardWriter(tmp, max_shard_bytes)
-        names = [n for m in param_mappings(arch) for n in m.hf]
-        bar = _tqdm(len(set(names)), "megatron->hf", show_progress)
-        for name, tensor in iter_hf_tensors(params, arch):
+        bar = _tqdm(len(hf_shapes(arch)), "megatron->hf", show_progress)
+        for name, tensor in iter_hf_tensors_live(model, arch):
             writer.add(name, tensor.to(source.torch_dtype))
             if bar is not None:
                 bar.update(1)

@@ -1,0 +1,127 @@
+"""The production rollout engine: SGLang servers behind the RolloutEngine interface.
+
+Servers are launched here (one per replica, :mod:`.sglang_launcher`) or attached by
+address; generation goes through :class:`.sglang_client.SGLangClient`; weights through one
+of the transports of :mod:`.sglang_weights`. ``update_weights`` serves the single-process
+case (this process holds every exported tensor: ``sync="distributed"`` from the source rank,
+or ``sync="tensor"`` with one TP=1 server on this process's GPU); a multi-rank colocated
+trainer drives :class:`.sglang_weights.TensorSync` per server itself.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from megatron_sppo.errors import UserError
+from megatron_sppo.rollout.engine import Sample, SamplingParams
+from megatron_sppo.rollout.export import DEFAULT_BUCKET_BYTES, bucketed
+from megatron_sppo.rollout.sglang_client import SGLangClient, on_each
+from megatron_sppo.rollout.sglang_launcher import (DEFAULT_SGLANG_PYTHON, LaunchOptions,
+                                                   SGLangServer, launch_servers)
+from megatron_sppo.rollout.sglang_weights import BroadcastSync, TensorSync
+
+SYNCS = ("distributed", "tensor")
+
+
+class SGLangEngine:
+    """:class:`~megatron_sppo.rollout.engine.RolloutEngine` over SGLang servers."""
+
+    def __init__(self, servers: list[SGLangServer], *, sync: str = "distributed",
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, master_address: str = "127.0.0.1",
+                 master_port: int = 29700, sync_backend: str = "nccl",
+                 sync_device: str = "cuda", **client_options):
+        if sync not in SYNCS:
+            raise UserError(f"sync={sync!r}: use one of {', '.join(SYNCS)}")
+        self.servers = servers
+        self.client = SGLangClient(servers, **client_options)
+        self.bucket_bytes = bucket_bytes
+        self._version = 0
+        endpoints = self.client.endpoints
+        if sync == "tensor":
+            if len(endpoints) != 1:
+                raise UserError("sync='tensor' from one process serves one colocated server: "
+                                "use one replica or drive TensorSync per server")
+            self.sync = TensorSync(endpoints[0])
+        else:
+            self.sync = BroadcastSync(endpoints, [self._tp_size(s, e) for s, e in
+                                                  zip(servers, endpoints)],
+                                      master_address=master_address, master_port=master_port,
+                                      backend=sync_backend, device=sync_device)
+
+    @staticmethod
+    def _tp_size(server: SGLangServer, endpoint) -> int:
+        if server.options is not None:
+            return server.options.tp_size
+        return int(endpoint.request("GET", "/server_info", timeout_s=30).json()["tp_size"])
+
+    @classmethod
+    def create(cls, model_path: str | None = None, *, addresses: Iterable[str] = (),
+               python: str = DEFAULT_SGLANG_PYTHON, replicas: int = 1, tp_size: int = 1,
+               host: str = "127.0.0.1", port: int = 30000, base_gpu_id: int = 0,
+               mem_fraction_static: float | None = None, enable_memory_saver: bool = False,
+               dtype: str = "auto", quantization: str | None = None,
+               startup_timeout_s: float = 600.0, request_timeout_s: float = 3600.0,
+               bucket_mb: int = DEFAULT_BUCKET_BYTES >> 20, log_dir: str | None = None,
+               **engine_options) -> "SGLangEngine":
+        """Attach ``addresses`` if given, else launch ``replicas`` servers of ``model_path``."""
+        addresses = list(addresses)
+        if addresses:
+            servers = [SGLangServer.attach(a) for a in addresses]
+            for server in servers:
+                server.wait_healthy(startup_timeout_s)
+        else:
+            if not model_path:
+                raise UserError("the SGLang engine needs model_path (an HF directory) to launch "
+                                "servers, or rollout.sglang.addresses of running ones")
+            base = LaunchOptions(model_path=str(model_path), python=python, host=host, port=port,
+                                 tp_size=tp_size, base_gpu_id=base_gpu_id,
+                                 mem_fraction_static=mem_fraction_static,
+                                 enable_memory_saver=enable_memory_saver, dtype=dtype,
+                                 quantization=quantization)
+            servers = launch_servers(base, replicas, startup_timeout_s, log_dir)
+        try:
+            return cls(servers, bucket_bytes=bucket_mb << 20,
+                       request_timeout_s=request_timeout_s, restart_timeout_s=startup_timeout_s,
+                       **engine_options)
+        except BaseException:
+            for server in servers:
+                server.stop()
+            raise
+
+    # ---- RolloutEngine -----------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
+        return self.client.generate(prompts, params)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                       version: int) -> None:
+        self.sync.push(bucketed(named_tensors, self.bucket_bytes), version)
+        self._version = version
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    def server_weight_versions(self) -> list[str]:
+        """What each server reports (``/model_info``'s weight_version)."""
+        return on_each(self.client.live, lambda e: e.model_info().get("weight_version"))
+
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        """Free the servers' GPU memory (all of weights, KV cache, CUDA graphs by default);
+        needs ``enable_memory_saver`` and idle servers."""
+        on_each(self.client.live, lambda e: e.release_memory(tags))
+
+    def resume_memory(self, tags: list[str] | None = None) -> None:
+        on_each(self.client.live, lambda e: e.resume_memory(tags))
+
+    def health(self) -> bool:
+        return bool(self.client.live) and all(on_each(self.client.live, lambda e: e.healthy()))
+
+    def shutdown(self) -> None:
+        if isinstance(self.sync, BroadcastSync) and self.sync.group is not None:
+            self.sync.close()
+        self.client.close()
+        for server in self.servers:
+            server.stop()
