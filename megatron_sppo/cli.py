@@ -3,8 +3,10 @@
     megatron-sppo convert hf-to-megatron --hf-path DIR --megatron-path DIR [--tp N] [--pp N]
     megatron-sppo convert megatron-to-hf --megatron-path DIR --hf-path DIR
     megatron-sppo convert verify --megatron-path DIR --hf-path DIR
+    megatron-sppo train --config FILE.yaml [--resume auto] [key=value ...]
+    megatron-sppo sft --model DIR --data FILE.jsonl --output DIR
 
-`train`, `sft` and `eval` arrive with the trainer. Bad input prints one ``error:`` line and
+Bad input prints one ``error:`` line and
 exits with status 2.
 """
 
@@ -128,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest allowed max-abs logit difference (default 1e-4, fp32)")
     verify.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
     verify.set_defaults(func=run_verify)
+    from megatron_sppo.cli_train import add_train_commands
+
+    add_train_commands(commands)
     return parser
 
 
@@ -142,7 +147,13 @@ def run_tool(func, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come before or after --resume: collect those argparse left over
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     return run_tool(args.func, args)
 
 

@@ -147,17 +147,22 @@ def save_model_checkpoint(model, root: str | Path, iteration: int, arch: ModelAr
     return final
 
 
-def load_model_checkpoint(model, iter_dir: str | Path) -> None:
+def load_model_checkpoint(model, iter_dir: str | Path, skip_prefix: str | None = None) -> None:
     """Collective: load ``iter_dir`` into this rank's model chunk at whatever TP/PP it has.
 
     The shards are read straight into the parameters (factories such as SwiGLU's gate/up
     split are applied first, so no merged copy of linear_fc1 is ever materialised).
+    ``skip_prefix`` leaves those parameters as they are (a critic's new head when its
+    backbone comes from a policy checkpoint).
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import apply_factories
 
-    sharded = {"model": model.sharded_state_dict()}
+    state = model.sharded_state_dict()
+    if skip_prefix:
+        state = {k: v for k, v in state.items() if not k.startswith(skip_prefix)}
+    sharded = {"model": state}
     apply_factories(sharded)
     loaded = dist_checkpointing.load(sharded, str(iter_dir))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_sppo.algorithms import PolicyLossConfig, policy_loss
+from megatron_sppo.algorithms import PolicyLossConfig, policy_loss, policy_metrics
 from megatron_sppo.data.batching import select_rows, token_budget_microbatches
 from megatron_sppo.models.logprobs import token_logprobs_and_entropy
 from megatron_sppo.trainer.schedule import run_microbatches
@@ -46,8 +46,9 @@ def policy_forward_backward(model, batch: PolicyBatch, *, vocab_size: int, tempe
     """Run the mini-batch; returns one dict per micro-batch (on the last pipeline stage).
 
     forward_only: no loss or gradients; each dict holds ``rows`` and their ``logprobs``
-    (the old log-probs of the pre-update policy). Otherwise the dicts hold ``loss_sum`` and
-    ``denominator``, and gradients are accumulated in the DDP buffers (call
+    (the old log-probs of the pre-update policy). Otherwise the dicts hold ``loss_sum``,
+    ``denominator``, the response ``tokens`` and token-weighted sums of the policy metrics
+    (clip fractions, approximate KL, entropy), and gradients are accumulated in the DDP buffers (call
     optimizer.step() afterwards).
     """
     loss_cfg = loss_cfg or PolicyLossConfig()
@@ -63,7 +64,11 @@ def policy_forward_backward(model, batch: PolicyBatch, *, vocab_size: int, tempe
         out = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, loss_cfg,
                           rollout_logprobs=mb.rollout_logprobs, ref_logprobs=mb.ref_logprobs,
                           entropy=entropy)
-        return out.loss_sum, out.denominator, {}
+        tokens = mb.response_mask.sum()
+        # token-weighted sums, so micro-batches and replicas combine into true means
+        sums = {k: v * tokens if tokens > 0 else v.new_zeros(())
+                for k, v in policy_metrics(out, mb.response_mask, entropy).items()}
+        return out.loss_sum, out.denominator, {"tokens": tokens, **sums}
 
     micro = [(rows, batch.micro(rows)) for rows in groups]
     return run_microbatches(model, [(mb.input_ids, (rows, mb)) for rows, mb in micro], loss,

@@ -1,0 +1,78 @@
+"""The training commands of `megatron-sppo`: train, sft, demo, eval (see cli.py for convert).
+
+Launch with torchrun or srun for several ranks; a plain process runs one rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from megatron_sppo.config import load_config
+    from megatron_sppo.trainer.loop import train
+
+    cfg = load_config(args.config, args.overrides, world_size=_world_size())
+    out = train(cfg, resume=args.resume)
+    if _is_rank0():
+        print(f"outputs: {out}")
+
+
+def run_sft_command(args: argparse.Namespace) -> None:
+    from megatron_sppo.trainer.sft import SFTConfig, run_sft
+
+    path = run_sft(SFTConfig(model=args.model, data=args.data, output=args.output,
+                             steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             min_lr=args.min_lr, warmup_steps=args.warmup_steps, tp=args.tp,
+                             pp=args.pp, max_tokens=args.max_tokens, seed=args.seed,
+                             progress=not args.no_progress))
+    if _is_rank0():
+        print(f"wrote {path}")
+
+
+def add_train_commands(commands) -> None:
+    train = commands.add_parser(
+        "train", help="RL training (SPPO and baselines) from a YAML config",
+        description="Run RL training: prompts -> critic values -> rollouts -> rewards -> "
+                    "advantages -> critic update -> policy update -> weight sync. Launch "
+                    "under torchrun/srun for several ranks.",
+        epilog="example: megatron-sppo train --config examples/configs/tiny_cpu_sppo.yaml "
+               "trainer.total_steps=20 trainer.output_dir=outputs/try")
+    train.add_argument("--config", required=True, help="YAML config file")
+    train.add_argument("--resume", metavar="auto|PATH",
+                       help="'auto': continue from the latest complete checkpoint in "
+                            "trainer.output_dir (fresh start if there is none); or a "
+                            "checkpoint directory")
+    train.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="config overrides, e.g. algorithm.estimator=grpo rollout.n=8")
+    train.set_defaults(func=run_train)
+
+    sft = commands.add_parser(
+        "sft", help="supervised warm start on prompt/response JSONL",
+        description="Supervised fine-tuning with megatron-core: token-mean NLL of the response "
+                    "tokens; writes a Megatron checkpoint that `train` starts from.")
+    sft.add_argument("--model", required=True, help="HF model directory or Megatron checkpoint")
+    sft.add_argument("--data", required=True,
+                     help="JSONL with one {\"prompt\": ..., \"response\": ...} per line")
+    sft.add_argument("--output", required=True, help="output Megatron checkpoint root")
+    sft.add_argument("--steps", type=int, default=200)
+    sft.add_argument("--batch-size", type=int, default=32, help="sequences per step")
+    sft.add_argument("--lr", type=float, default=1e-3, help="peak LR (cosine decay)")
+    sft.add_argument("--min-lr", type=float, default=1e-4)
+    sft.add_argument("--warmup-steps", type=int, default=10)
+    sft.add_argument("--tp", type=int, default=1)
+    sft.add_argument("--pp", type=int, default=1)
+    sft.add_argument("--max-tokens", type=int, default=4096,
+                     help="token budget of one micro-batch")
+    sft.add_argument("--seed", type=int, default=0)
+    sft.add_argument("--no-progress", action="store_true")
+    sft.set_defaults(func=run_sft_command)

@@ -1,0 +1,324 @@
+"""The training config: one dataclass per YAML section, with the defaults and the checks that
+need no model. ``load_config(path, overrides)`` is the single entry; the resolved config is
+saved to ``<trainer.output_dir>/config.yaml``.
+
+Critic tokenizer: a critic built from a different HF checkpoint than the policy reads the
+prompt text re-tokenized with its own tokenizer (its own chat template applied to the same
+messages); special tokens the two tokenizers do not share are reported at start-up.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from megatron_sppo.errors import UserError
+from megatron_sppo.rollout import ENGINES
+
+DTYPES = ("float32", "bfloat16", "float16")
+CRITIC_ESTIMATORS = ("sppo", "gae")
+
+
+def _choice(key: str, value, options) -> None:
+    if value not in options:
+        raise UserError(f"config key {key}={value!r}: choose one of {', '.join(map(str, options))}")
+
+
+def _positive(**values) -> None:
+    for key, value in values.items():
+        if value is None or value <= 0:
+            raise UserError(f"config key {key}={value!r} must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    """A Megatron model (policy or critic): where it starts, its layout, its optimizer, and the
+    memory settings a large model needs (recompute, sequence parallelism, distributed
+    optimizer, optimizer CPU offload)."""
+
+    checkpoint: str | None = None
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    params_dtype: str = "float32"
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay_style: str = "constant"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    optimizer_cpu_offload: bool = False
+
+    def check(self, prefix: str) -> None:
+        _positive(**{f"{prefix}.tensor_model_parallel_size": self.tensor_model_parallel_size,
+                     f"{prefix}.pipeline_model_parallel_size": self.pipeline_model_parallel_size,
+                     f"{prefix}.lr": self.lr})
+        _choice(f"{prefix}.params_dtype", self.params_dtype, DTYPES)
+        _choice(f"{prefix}.lr_decay_style", self.lr_decay_style,
+                ("constant", "linear", "cosine", "inverse-square-root", "WSD"))
+        _choice(f"{prefix}.recompute_granularity", self.recompute_granularity,
+                (None, "full", "selective"))
+        if self.recompute_granularity == "full" and self.recompute_method not in ("uniform",
+                                                                                   "block"):
+            raise UserError(f"config key {prefix}.recompute_method must be uniform or block when "
+                            f"{prefix}.recompute_granularity=full")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise UserError(f"config key {prefix}.sequence_parallel=true needs "
+                            f"{prefix}.tensor_model_parallel_size > 1")
+        if self.optimizer_cpu_offload and not self.use_distributed_optimizer:
+            raise UserError(f"config key {prefix}.optimizer_cpu_offload=true needs "
+                            f"{prefix}.use_distributed_optimizer=true (megatron-core offloads "
+                            "the distributed optimizer's states)")
+        if self.lr_warmup_steps < 0:
+            raise UserError(f"config key {prefix}.lr_warmup_steps must be >= 0")
+
+
+@dataclass
+class CriticConfig(ModelConfig):
+    """The SPPO prompt-only critic (or the token-level critic of ``gae``). ``checkpoint`` None
+    means: start from the policy's checkpoint. head_bias_init: ``zero`` (the paper: V = 0.5 at
+    the start) or ``first_batch`` (bias = logit of the first batch's success rate).
+    warmup_steps: critic-only steps before the policy starts learning (the paper uses 50 for
+    token-level PPO, 0 for SPPO)."""
+
+    lr: float = 5e-6
+    head_bias_init: str = "zero"
+    warmup_steps: int = 0
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        _choice(f"{prefix}.head_bias_init", self.head_bias_init, ("zero", "first_batch"))
+        if self.warmup_steps < 0:
+            raise UserError(f"config key {prefix}.warmup_steps must be >= 0")
+
+
+@dataclass
+class SGLangConfig:
+    """SGLang servers for rollouts: launched by the trainer or given by address."""
+
+    addresses: list[str] = field(default_factory=list)
+    python: str = "/opt/sglang-venv/bin/python"
+    replicas: int = 1
+    tp_size: int = 1
+    mem_fraction_static: float = 0.7
+    enable_memory_saver: bool = True
+    base_gpu_id: int = 0
+    port: int = 30000
+    dtype: str = "bfloat16"
+    quantization: str | None = None
+    startup_timeout_s: float = 600.0
+    request_timeout_s: float = 3600.0
+    bucket_mb: int = 512
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "local"
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_prompt_length: int = 1024
+    max_response_length: int = 8192
+    stop: list[str] = field(default_factory=list)
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+
+    def check(self) -> None:
+        _choice("rollout.engine", self.engine, ENGINES)
+        _positive(**{"rollout.n": self.n, "rollout.temperature": self.temperature,
+                     "rollout.max_prompt_length": self.max_prompt_length,
+                     "rollout.max_response_length": self.max_response_length})
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"config key rollout.top_p={self.top_p} must be in (0, 1]")
+
+
+@dataclass
+class AlgorithmConfig:
+    """The advantage estimator and losses. truncated_reward: the reward of a response cut at
+    the length limit (None keeps the verifier's score); truncated_in_loss: false drops such
+    responses from the policy loss (DAPO's overlong filtering). old_logprobs: ``policy`` (a
+    forward pass of the pre-update policy) or ``engine`` (the rollout engine's)."""
+
+    estimator: str = "sppo"
+    normalize_advantages: bool = False
+    gamma: float = 1.0
+    lam: float = 1.0
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = 3.0
+    loss_agg_mode: str = "token-mean"
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    kl_in_reward: float = 0.0
+    entropy_coef: float = 0.0
+    tis_cap: float | None = None
+    value_clip: float = 0.2
+    truncated_reward: float | None = 0.0
+    truncated_in_loss: bool = True
+    old_logprobs: str = "policy"
+
+    def estimator_options(self) -> dict:
+        """The options ``compute_advantages`` takes for this estimator."""
+        return {"sppo": {"normalize": self.normalize_advantages},
+                "gae": {"gamma": self.gamma, "lam": self.lam},
+                "grpo": {}, "rloo": {"kl_coef": self.kl_in_reward},
+                "remax": {"kl_coef": self.kl_in_reward},
+                "reinforce_pp": {"gamma": self.gamma, "kl_coef": self.kl_in_reward},
+                }.get(self.estimator, {})
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.estimator in CRITIC_ESTIMATORS
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_coef > 0 or self.kl_in_reward > 0
+
+
+@dataclass
+class DataConfig:
+    """Prompt data: files (JSONL, Parquet, HF datasets on disk) or ``builtin:arithmetic``."""
+
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    format: str = "auto"
+    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    shuffle: bool = True
+    eval_size: int = 400
+
+
+@dataclass
+class RewardConfig:
+    """``math`` (boxed answer, math-verify), ``arithmetic`` or ``package.module:function``;
+    ``routes`` maps a sample's data_source to another function. ``shuffle`` permutes the
+    outcomes within each batch: the control run that shows learning comes from the reward."""
+
+    function: str = "math"
+    routes: dict = field(default_factory=dict)
+    shuffle: bool = False
+    correct: float = 1.0
+    incorrect: float = 0.0
+    no_answer: float = 0.0
+    timeout_s: float = 5.0
+    workers: int = 2
+
+
+@dataclass
+class TrainerConfig:
+    output_dir: str = "outputs/run"
+    total_steps: int = 100
+    prompts_per_step: int = 64
+    mini_batch_size: int | None = None
+    ppo_epochs: int = 1
+    max_tokens_per_microbatch: int = 4096
+    save_interval: int = 0
+    keep_last: int = 2
+    eval_interval: int = 0
+    eval_samples: int = 8
+    eval_before: bool = False
+    seed: int = 1234
+    max_bad_steps: int = 3
+    tensorboard: bool = True
+    progress: bool = True
+
+    def check(self) -> None:
+        _positive(**{"trainer.total_steps": self.total_steps,
+                     "trainer.prompts_per_step": self.prompts_per_step,
+                     "trainer.ppo_epochs": self.ppo_epochs,
+                     "trainer.max_tokens_per_microbatch": self.max_tokens_per_microbatch,
+                     "trainer.keep_last": self.keep_last})
+        if self.mini_batch_size is not None:
+            _positive(**{"trainer.mini_batch_size": self.mini_batch_size})
+
+
+@dataclass
+class Config:
+    policy: ModelConfig = field(default_factory=ModelConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def check(self, world_size: int | None = None) -> None:
+        """Every check that needs no model: choices, ranges, the estimator with n, layouts."""
+        from megatron_sppo.algorithms import PolicyLossConfig, check_estimator
+
+        self.policy.check("policy")
+        self.critic.check("critic")
+        self.rollout.check()
+        self.trainer.check()
+        _choice("algorithm.old_logprobs", self.algorithm.old_logprobs, ("policy", "engine"))
+        if self.policy.checkpoint is None:
+            raise UserError("config key policy.checkpoint is not set: give an HF or Megatron "
+                            "checkpoint directory (or builtin:tiny-arithmetic)")
+        try:
+            self.loss_config()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                check_estimator(self.algorithm.estimator, self.rollout.n,
+                                **self.algorithm.estimator_options())
+        except UserError as e:
+            raise UserError(f"config section algorithm: {e}") from None
+        for w in caught:
+            warnings.warn(f"algorithm.estimator={self.algorithm.estimator}: {w.message}",
+                          stacklevel=2)
+        if self.algorithm.estimator == "gae" and self.rollout.n != 1:
+            warnings.warn("algorithm.estimator=gae with rollout.n > 1: token-level PPO is "
+                          "usually run with one response per prompt", stacklevel=2)
+        batch = self.trainer.prompts_per_step * self.rollout.n
+        mini = self.trainer.mini_batch_size or self.trainer.prompts_per_step
+        if self.trainer.prompts_per_step % mini:
+            raise UserError(f"config key trainer.mini_batch_size={mini} must divide "
+                            f"trainer.prompts_per_step={self.trainer.prompts_per_step}")
+        if world_size is not None:
+            for name, model in (("policy", self.policy), ("critic", self.critic)):
+                if name == "critic" and not self.algorithm.needs_critic:
+                    continue
+                mp = model.tensor_model_parallel_size * model.pipeline_model_parallel_size
+                if world_size % mp:
+                    raise UserError(
+                        f"config keys {name}.tensor_model_parallel_size x "
+                        f"{name}.pipeline_model_parallel_size = {mp} does not divide the "
+                        f"{world_size} launched ranks: launch a multiple of {mp} ranks")
+                dp = world_size // mp
+                if (mini * self.rollout.n) % dp or batch % dp:
+                    raise UserError(
+                        f"{name} data-parallel size {dp} does not divide the mini-batch of "
+                        f"{mini * self.rollout.n} sequences: change trainer.mini_batch_size "
+                        "or the number of ranks")
+            if self.algorithm.needs_critic and (
+                    (self.critic.tensor_model_parallel_size,
+                     self.critic.pipeline_model_parallel_size)
+                    != (self.policy.tensor_model_parallel_size,
+                        self.policy.pipeline_model_parallel_size)):
+                raise UserError(
+                    "critic.tensor_model_parallel_size/pipeline_model_parallel_size differ from "
+                    "the policy's: this version runs the critic on the policy's ranks and "
+                    "layout; set them equal to the policy's")
+
+    def loss_config(self):
+        from megatron_sppo.algorithms import PolicyLossConfig
+
+        a = self.algorithm
+        return PolicyLossConfig(eps_low=a.eps_low, eps_high=a.eps_high, dual_clip=a.dual_clip,
+                                agg=a.loss_agg_mode, tis_cap=a.tis_cap, kl_coef=a.kl_coef,
+                                kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef)
+
+
+def load_config(path=None, overrides: list[str] = (), world_size: int | None = None) -> Config:
+    """Config from a YAML file (or the defaults) with ``key=value`` overrides, fully checked."""
+    from megatron_sppo.config.loader import apply_overrides, build_section, read_yaml
+
+    tree = read_yaml(path) if path is not None else {}
+    config = build_section(Config, apply_overrides(tree, list(overrides)))
+    config.check(world_size)
+    return config

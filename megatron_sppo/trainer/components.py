@@ -1,0 +1,224 @@
+"""Everything a run holds, built once from the config: the Megatron policy (and critic,
+reference), tokenizers, the prompt source, the reward scorer and the rollout engine.
+
+Rollouts and rewards are produced on global rank 0 (the local engine runs in-process there;
+the SGLang client talks to its servers from there) and broadcast, so every rank builds the
+same step batch; the Megatron phases then split it by data-parallel rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_sppo.config import Config
+from megatron_sppo.data.prompts import chat_prompt_ids
+from megatron_sppo.rewards import Scored
+from megatron_sppo.rollout.engine import Sample, SamplingParams
+from megatron_sppo.trainer.collectives import broadcast_object
+from megatron_sppo.trainer.rl_step import StepBatch
+from megatron_sppo.trainer.rollout_batch import pad_prompts, pad_rollouts
+
+
+def same_tokenizer(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab() and a.chat_template == b.chat_template
+
+
+def special_token_mismatch(policy_tok, critic_tok) -> list[str]:
+    """Special tokens one tokenizer has and the other lacks (reported at start-up: the
+    critic reads re-tokenized prompt text, and a template token it does not know becomes
+    plain characters)."""
+    a, b = set(policy_tok.all_special_tokens), set(critic_tok.all_special_tokens)
+    return sorted(a ^ b)
+
+
+@dataclass
+class Components:
+    cfg: Config
+    policy: object
+    critic: object | None
+    reference: object | None
+    tokenizer: object
+    critic_tokenizer: object | None
+    prompts: object
+    engine: object | None = None
+    scorer: object | None = None
+    eval_records: list | None = None
+    state: dict = field(default_factory=dict)
+
+    # ---- phases ------------------------------------------------------------------------
+
+    def prompt_ids(self, records) -> list[list[int]]:
+        return [chat_prompt_ids(self.tokenizer, r.prompt) for r in records]
+
+    def sampling(self, seed: int, greedy: bool = False) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(temperature=0.0 if greedy else r.temperature, top_p=r.top_p,
+                              top_k=r.top_k, max_new_tokens=r.max_response_length,
+                              stop=tuple(r.stop), n=1 if greedy else r.n, seed=seed)
+
+    def generate(self, records, seed: int) -> dict:
+        """Samples per prompt (and greedy ones for remax), broadcast from rank 0."""
+        out = None
+        if dist.get_rank() == 0:
+            ids = self.prompt_ids(records)
+            out = {"samples": self.engine.generate(ids, self.sampling(seed))}
+            if self.cfg.algorithm.estimator == "remax":
+                out["greedy"] = self.engine.generate(ids, self.sampling(seed, greedy=True))
+        return broadcast_object(out)
+
+    def score(self, records, rollouts: dict) -> Scored:
+        out = None
+        if dist.get_rank() == 0:
+            out = self.scorer.score(records, rollouts["samples"])
+            if "greedy" in rollouts:
+                greedy = self.scorer.score(records, rollouts["greedy"])
+                out.metrics["greedy_rewards"] = greedy.rewards
+        return broadcast_object(out)
+
+    def sync_weights(self, version: int) -> None:
+        """Policy weights -> rollout engine (collective over the first data-parallel
+        replica's model-parallel ranks; the local engine lives on global rank 0)."""
+        from megatron.core import parallel_state
+
+        from megatron_sppo.rollout.export import iter_hf_tensors_live
+
+        if parallel_state.get_data_parallel_rank() != 0:
+            return
+        named = iter_hf_tensors_live(self.policy.module, self.policy.arch, gather_pipeline=True)
+        if dist.get_rank() == 0:
+            self.engine.update_weights(named, version)
+        else:
+            for _ in named:
+                pass
+
+    def evaluate(self, step: int) -> dict:
+        """Held-out metrics (collective; {} without eval data)."""
+        from megatron_sppo.trainer.evaluation import evaluate_heldout
+
+        if not self.eval_records:
+            return {}
+        return evaluate_heldout(self, self.eval_records, self.cfg.trainer.eval_samples,
+                                seed=self.cfg.trainer.seed * 7919 + step)
+
+    # ---- checkpoint state --------------------------------------------------------------
+
+    def trainable(self) -> dict:
+        return {"policy": self.policy, **({"critic": self.critic} if self.critic else {})}
+
+    def state_dict(self) -> dict:
+        return {"prompts": self.prompts.state_dict(), "state": dict(self.state)}
+
+    def load_state(self, run: dict) -> None:
+        self.prompts.load_state_dict(run["prompts"])
+        self.state.update(run["state"])
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+        if self.scorer is not None and hasattr(self.scorer, "close"):
+            self.scorer.close()
+
+
+def make_step_batch(c: Components, cfg: Config, records, rollouts: dict,
+                    scored: Scored) -> StepBatch:
+    """Flatten n samples per prompt into one row each; apply the truncation policy."""
+    prompt_ids = c.prompt_ids(records)
+    rows_prompt, rows_resp, rows_lp, group, truncated = [], [], [], [], []
+    for i, samples in enumerate(rollouts["samples"]):
+        for s in samples:
+            s: Sample
+            rows_prompt.append(prompt_ids[i])
+            rows_resp.append(list(s.token_ids))
+            rows_lp.append(list(s.logprobs))
+            group.append(i)
+            truncated.append(s.truncated)
+    tensors = pad_rollouts(rows_prompt, rows_resp, rows_lp,
+                           pad_id=c.tokenizer.pad_token_id or 0)
+    truncated_t = torch.tensor(truncated, dtype=torch.bool)
+    rewards = torch.tensor(scored.rewards, dtype=torch.float32)
+    if cfg.algorithm.truncated_reward is not None:
+        rewards = torch.where(truncated_t, cfg.algorithm.truncated_reward, rewards)
+    loss_mask = tensors.response_mask
+    if not cfg.algorithm.truncated_in_loss:
+        loss_mask = loss_mask * (~truncated_t).float()[:, None]
+    batch = StepBatch(tensors=tensors, group_index=torch.tensor(group), rewards=rewards,
+                      correctness=torch.tensor(scored.correctness, dtype=torch.float32),
+                      truncated=truncated_t, loss_mask=loss_mask)
+    if "greedy_rewards" in scored.metrics:
+        greedy = torch.tensor(scored.metrics.pop("greedy_rewards"), dtype=torch.float32)
+        batch.greedy_rewards = greedy[batch.group_index]
+    if c.critic is not None and cfg.algorithm.estimator == "sppo":
+        critic_ids = (prompt_ids if c.critic_tokenizer is None else
+                      [chat_prompt_ids(c.critic_tokenizer, r.prompt) for r in records])
+        ids, lengths = pad_prompts([critic_ids[g] for g in group])
+        batch.critic_prompt_ids, batch.critic_prompt_lengths = ids, lengths
+    return batch
+
+
+def build_engine_for(cfg: Config, hf_dir: Path, output_dir: Path):
+    """The rollout engine on global rank 0 (None elsewhere)."""
+    from megatron_sppo.rollout import build_engine
+
+    if dist.get_rank() != 0:
+        return None
+    if cfg.rollout.engine == "local":
+        return build_engine("local", hf_path=hf_dir)
+    s = cfg.rollout.sglang
+    return build_engine(
+        "sglang", model_path=str(hf_dir), addresses=s.addresses, python=s.python,
+        replicas=s.replicas, tp_size=s.tp_size, port=s.port, base_gpu_id=s.base_gpu_id,
+        mem_fraction_static=s.mem_fraction_static, enable_memory_saver=s.enable_memory_saver,
+        dtype=s.dtype, quantization=s.quantization, startup_timeout_s=s.startup_timeout_s,
+        request_timeout_s=s.request_timeout_s, bucket_mb=s.bucket_mb,
+        log_dir=str(output_dir / "sglang_logs"))
+
+
+def build_components(cfg: Config) -> Components:
+    """Collective: initialise distributed state and build everything the loop needs."""
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    from megatron_sppo.runtime import init_distributed
+    from megatron_sppo.trainer.models import build_trained_model
+    from megatron_sppo.trainer.reference import build_reference
+    from megatron_sppo.trainer.sources import (build_prompt_source, build_scorer,
+                                               load_records, resolve_checkpoint_path)
+
+    init_distributed(cfg.policy.tensor_model_parallel_size,
+                     cfg.policy.pipeline_model_parallel_size, cfg.trainer.seed)
+    out = Path(cfg.trainer.output_dir)
+    if dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    policy_ckpt = resolve_checkpoint_path(cfg.policy.checkpoint)
+    total = cfg.trainer.total_steps
+    policy = build_trained_model("policy", cfg.policy, policy_ckpt, total)
+    tokenizer = AutoTokenizer.from_pretrained(policy.hf_dir)
+    critic = critic_tokenizer = None
+    if cfg.algorithm.needs_critic:
+        critic_ckpt = resolve_checkpoint_path(cfg.critic.checkpoint or cfg.policy.checkpoint)
+        critic = build_trained_model("critic", cfg.critic, critic_ckpt, total)
+        critic_tokenizer = AutoTokenizer.from_pretrained(critic.hf_dir)
+        if same_tokenizer(tokenizer, critic_tokenizer):
+            critic_tokenizer = None
+        elif dist.get_rank() == 0:
+            mismatch = special_token_mismatch(tokenizer, critic_tokenizer)
+            warnings.warn("the critic's tokenizer differs from the policy's: the critic reads "
+                          "the prompt re-tokenized with its own chat template"
+                          + (f"; special tokens not shared: {', '.join(mismatch)}"
+                             if mismatch else ""), stacklevel=2)
+    reference = build_reference(cfg, policy_ckpt) if cfg.algorithm.needs_reference else None
+    c = Components(cfg=cfg, policy=policy, critic=critic, reference=reference,
+                   tokenizer=tokenizer, critic_tokenizer=critic_tokenizer,
+                   prompts=build_prompt_source(cfg, tokenizer))
+    if cfg.data.eval_files:
+        c.eval_records = load_records(cfg, cfg.data.eval_files, "eval")
+    if dist.get_rank() == 0:
+        c.scorer = build_scorer(cfg)
+    c.engine = build_engine_for(cfg, policy.hf_dir, out)
+    c.sync_weights(0)
+    return c

@@ -1,0 +1,73 @@
+"""Held-out evaluation during training (collective): the rollout engine samples k responses
+per held-out prompt at the rollout temperature plus one greedy response, the reward scorer
+checks them, and, when there is an SPPO critic, its V(prompt) is compared with each prompt's
+empirical success rate over the k samples (Pearson, AUC against the sampled outcomes,
+Brier score): how well the critic predicts what the policy can solve."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_sppo.data.prompts import chat_prompt_ids
+from megatron_sppo.trainer.collectives import broadcast_object
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = (x.norm() * y.norm()).item()
+    return float((x @ y).item() / denom) if denom > 0 else float("nan")
+
+
+def critic_eval_metrics(logits: torch.Tensor, outcomes: torch.Tensor) -> dict:
+    """logits: [P] critic logits; outcomes: [P, k] 0/1 sampled results per prompt."""
+    from megatron_sppo.algorithms import roc_auc
+
+    v = torch.sigmoid(logits.double())
+    k = outcomes.shape[1]
+    flat_v = v.repeat_interleave(k)
+    flat_o = outcomes.double().reshape(-1)
+    return {"critic_pearson": pearson(v, outcomes.double().mean(1)),
+            "critic_auc": float(roc_auc(flat_v, flat_o)),
+            "critic_brier": float(((flat_v - flat_o) ** 2).mean())}
+
+
+def evaluate_heldout(c, records, k: int, seed: int) -> dict:
+    """Collective over all ranks; returns the same metrics dict everywhere."""
+    from megatron_sppo.rollout import SamplingParams
+    from megatron_sppo.trainer import rl_step
+    from megatron_sppo.trainer.rollout_batch import pad_prompts
+
+    r = c.cfg.rollout
+    result = None
+    if dist.get_rank() == 0:
+        ids = c.prompt_ids(records)
+        sampled = c.engine.generate(ids, SamplingParams(
+            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+            max_new_tokens=r.max_response_length, stop=tuple(r.stop), n=k, seed=seed))
+        greedy = c.engine.generate(ids, SamplingParams(
+            temperature=0.0, max_new_tokens=r.max_response_length, stop=tuple(r.stop)))
+        s = c.scorer.score(records, sampled)
+        g = c.scorer.score(records, greedy)
+        outcomes = torch.tensor(s.correctness).reshape(len(records), k)
+        lengths = [len(x.token_ids) for per in sampled for x in per]
+        truncated = [x.truncated for per in sampled for x in per]
+        result = {"outcomes": outcomes,
+                  "pass1_sampled": outcomes.mean().item(),
+                  f"pass{k}": outcomes.max(1).values.mean().item(),
+                  "pass1_greedy": sum(g.correctness) / len(records),
+                  "response_length_mean": sum(lengths) / len(lengths),
+                  "truncation_rate": sum(truncated) / len(truncated)}
+    result = broadcast_object(result)
+    outcomes = result.pop("outcomes")
+    if c.critic is not None and c.cfg.algorithm.estimator == "sppo":
+        tok = c.critic_tokenizer or c.tokenizer
+        ids, lengths = pad_prompts([chat_prompt_ids(tok, rec.prompt) for rec in records])
+        probe = rl_step.StepBatch(
+            tensors=None, group_index=torch.arange(len(records)),
+            rewards=torch.zeros(len(records)), correctness=torch.zeros(len(records)),
+            truncated=torch.zeros(len(records), dtype=torch.bool), loss_mask=None,
+            critic_prompt_ids=ids, critic_prompt_lengths=lengths)
+        rl_step.critic_values(c.critic, probe, c.cfg)
+        result.update(critic_eval_metrics(probe.critic_logits, outcomes))
+    return {f"eval/{key}": value for key, value in result.items()}

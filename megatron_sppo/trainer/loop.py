@@ -1,0 +1,200 @@
+"""The RL loop. One step reads like the design:
+
+prompts -> critic values -> rollouts -> rewards -> advantages -> critic update
+-> policy update -> weight sync -> metrics -> eval every K steps -> checkpoint every M steps.
+
+Each phase is a called function; this module only sequences them, times them, and handles
+resume, signals (SIGTERM/SIGUSR1: checkpoint and exit) and non-finite steps.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_sppo.config import Config, write_yaml_atomic
+from megatron_sppo.errors import UserError
+from megatron_sppo.trainer import rl_step
+from megatron_sppo.trainer.checkpointing import (latest_checkpoint, load_training_checkpoint,
+                                                 save_training_checkpoint)
+from megatron_sppo.trainer.components import Components, build_components, make_step_batch
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase of a step (``time_<phase>`` metrics)."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.times[f"time_{phase}"] = (self.times.get(f"time_{phase}", 0.0)
+                                       + time.perf_counter() - start)
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (Slurm's warning before the time limit) set a flag; the loop
+    checkpoints at the end of the current step and exits cleanly."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        flag = torch.tensor([1.0 if self.signal else 0.0])
+        dist.all_reduce(flag)  # any rank's signal stops every rank at the same step
+        return bool(flag.item())
+
+
+def step_seed(cfg: Config, step: int) -> int:
+    return cfg.trainer.seed * 1_000_003 + step
+
+
+def run_step(c: Components, cfg: Config, step: int) -> dict:
+    """One RL step; returns its metrics (identical on every rank)."""
+    timer = PhaseTimer()
+    seed = step_seed(cfg, step)
+    torch.manual_seed(seed)
+    with timer("data"):
+        records = c.prompts.next_batch(cfg.trainer.prompts_per_step)
+    with timer("rollout"):
+        rollouts = c.generate(records, seed)
+    with timer("reward"):
+        scored = c.score(records, rollouts)
+    batch = make_step_batch(c, cfg, records, rollouts, scored)
+    metrics = dict(scored.metrics)
+
+    if c.critic is not None:
+        with timer("critic"):
+            rl_step.critic_values(c.critic, batch, cfg)
+            if (cfg.critic.head_bias_init == "first_batch" and not c.state.get("bias_set")
+                    and cfg.algorithm.estimator == "sppo"):
+                metrics["critic_head_bias"] = rl_step.set_head_bias(
+                    c.critic, batch.correctness.mean().item(), batch)
+                c.state["bias_set"] = True
+    with timer("policy"):
+        if cfg.algorithm.old_logprobs == "engine":
+            batch.old_logprobs = batch.tensors.engine_logprobs
+        else:
+            batch.old_logprobs = rl_step.forward_logprobs(c.policy, batch, cfg)
+        if c.reference is not None:
+            batch.ref_logprobs = c.reference.logprobs(batch, cfg)
+    rl_step.compute_step_advantages(batch, cfg)
+    if c.critic is not None:
+        with timer("critic"):
+            metrics.update(rl_step.update_critic(c.critic, batch, cfg, seed))
+    policy_learns = step > cfg.critic.warmup_steps or c.critic is None
+    if policy_learns:
+        with timer("policy"):
+            metrics.update(rl_step.update_policy(c.policy, batch, cfg, seed))
+        with timer("sync"):
+            c.sync_weights(step)
+    metrics.update(step_metrics(batch, cfg))
+    metrics.update(timer.times)
+    generated = float(batch.tensors.response_mask.sum())
+    metrics["tokens_per_second"] = generated / max(sum(timer.times.values()), 1e-9)
+    return metrics
+
+
+def step_metrics(batch: rl_step.StepBatch, cfg: Config) -> dict:
+    """Sequence-level statistics of the step (rewards, advantages, critic calibration)."""
+    from megatron_sppo.algorithms import critic_calibration, masked_mean
+
+    mask = batch.tensors.response_mask.bool()
+    lengths = mask.sum(-1).float()
+    seq_adv = masked_mean(batch.advantages, mask, -1)
+    engine = batch.tensors.engine_logprobs
+    out = {"reward_mean": batch.rewards.mean().item(),
+           "accuracy": batch.correctness.mean().item(),
+           "advantage_mean": seq_adv.mean().item(),
+           "advantage_std": seq_adv.std().item() if batch.size > 1 else 0.0,
+           "response_length_mean": lengths.mean().item(),
+           "response_length_max": lengths.max().item(),
+           "truncated_fraction": batch.truncated.float().mean().item(),
+           "logprob_mismatch_mean": masked_mean((batch.old_logprobs - engine).abs(),
+                                                mask).item()}
+    if batch.critic_logits is not None:
+        calib = critic_calibration(torch.sigmoid(batch.critic_logits), batch.correctness)
+        out["value_mean"] = torch.sigmoid(batch.critic_logits).mean().item()
+        out["critic_brier"] = calib["critic/brier"].item()
+        out["critic_ece"] = calib["critic/ece"].item()
+        out["critic_auc"] = calib["critic/auc"].item()
+    elif batch.values is not None:
+        out["value_mean"] = masked_mean(batch.values, mask).item()
+    return out
+
+
+def is_finite_step(metrics: dict) -> bool:
+    keys = ("policy_loss", "grad_norm", "critic_loss", "critic_grad_norm")
+    return all(metrics.get(k) is None or metrics[k] == metrics[k]
+               and abs(metrics[k]) != float("inf") for k in keys)
+
+
+def train(cfg: Config, resume: str | None = None) -> Path:
+    """Run (or resume) training; returns the output directory."""
+    out = Path(cfg.trainer.output_dir)
+    c = build_components(cfg)
+    rank0 = dist.get_rank() == 0
+    start, resumed = 0, False
+    if resume:
+        path = latest_checkpoint(out) if resume == "auto" else Path(resume)
+        if path is not None:
+            run = load_training_checkpoint(path, c.trainable())
+            start, resumed = run["step"], True
+            c.load_state(run)
+            c.sync_weights(start)
+    if rank0:
+        write_yaml_atomic(cfg, out / "config.yaml")
+    from megatron_sppo.trainer.metrics_log import MetricsLog
+
+    log = (MetricsLog(out, cfg.trainer.total_steps, start, cfg.trainer.tensorboard,
+                      cfg.trainer.progress, resumed) if rank0 else None)
+    stop = StopRequest()
+    bad_in_a_row = 0
+    if cfg.trainer.eval_before and start == 0 and c.eval_records:
+        before = c.evaluate(0)
+        if log is not None:
+            log.log(0, before)
+    try:
+        for step in range(start + 1, cfg.trainer.total_steps + 1):
+            metrics = run_step(c, cfg, step)
+            if not is_finite_step(metrics) or metrics.get("policy_skipped") or metrics.get(
+                    "critic_skipped"):
+                bad_in_a_row += 1
+                c.state["skipped_steps"] = c.state.get("skipped_steps", 0) + 1
+                if bad_in_a_row >= cfg.trainer.max_bad_steps:
+                    raise UserError(
+                        f"{bad_in_a_row} steps in a row had non-finite losses or gradients (last "
+                        f"at step {step}): lower policy.lr/critic.lr or check the data; resume "
+                        "from the last checkpoint with --resume auto")
+            else:
+                bad_in_a_row = 0
+            metrics["skipped_steps"] = c.state.get("skipped_steps", 0)
+            if cfg.trainer.eval_interval and step % cfg.trainer.eval_interval == 0:
+                metrics.update(c.evaluate(step))
+            if log is not None:
+                log.log(step, metrics)
+            stopping = stop.requested()
+            if (cfg.trainer.save_interval and step % cfg.trainer.save_interval == 0) or stopping:
+                save_training_checkpoint(out, step, c.trainable(), c.state_dict(),
+                                         cfg.trainer.keep_last)
+            if stopping:
+                if rank0:
+                    print(f"received {stop.signal}: checkpointed step {step}, exiting", flush=True)
+                break
+    finally:
+        if log is not None:
+            log.close()
+        c.close()
+    return out

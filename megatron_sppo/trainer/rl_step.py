@@ -1,0 +1,221 @@
+"""The Megatron side of one RL step: critic values, old/reference log-probs, advantages, and
+the critic and policy updates over PPO mini-batches and epochs.
+
+Every rank holds the whole step batch; each data-parallel replica runs its rows through
+megatron-core's schedules, and per-row results are shared with every rank
+(trainer/collectives.py), so advantages are computed once per rank on identical tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_sppo.algorithms import AdvantageBatch, compute_advantages
+from megatron_sppo.config import Config
+from megatron_sppo.trainer.collectives import data_parallel_rows, share_rows, sum_stats
+from megatron_sppo.trainer.critic_update import (CriticBatch, TokenCriticBatch,
+                                                 critic_forward_backward,
+                                                 token_critic_forward_backward)
+from megatron_sppo.trainer.models import TrainedModel
+from megatron_sppo.trainer.policy_update import PolicyBatch, policy_forward_backward
+from megatron_sppo.trainer.rollout_batch import RolloutTensors
+
+POLICY_STATS = ("policy/clipfrac", "policy/clipfrac_low", "policy/clipfrac_high",
+                "policy/dual_clipfrac", "policy/approx_kl_k3", "policy/approx_kl_k2",
+                "policy/entropy")
+
+
+@dataclass
+class StepBatch:
+    """One step's samples (B = prompts x n), identical on every rank.
+
+    critic_prompt_ids/lengths: the prompts in the critic's tokenization (SPPO critic input).
+    loss_mask: response_mask with truncated responses removed when the config drops them.
+    """
+
+    tensors: RolloutTensors
+    group_index: torch.Tensor
+    rewards: torch.Tensor
+    correctness: torch.Tensor
+    truncated: torch.Tensor
+    loss_mask: torch.Tensor
+    critic_prompt_ids: torch.Tensor | None = None
+    critic_prompt_lengths: torch.Tensor | None = None
+    greedy_rewards: torch.Tensor | None = None
+    critic_logits: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.rewards.shape[0]
+
+
+def _local(rows: list[int]) -> list[int]:
+    return data_parallel_rows(rows)
+
+
+def _global_rows(results: list[dict], mine: list[int]) -> list[dict]:
+    """Forward-only results index rows of the local batch: map them to the step batch."""
+    return [{**r, "rows": [mine[k] for k in r["rows"]]} for r in results]
+
+
+def _policy_batch(batch: StepBatch, rows: list[int], with_targets: bool) -> PolicyBatch:
+    t = batch.tensors
+    pb = PolicyBatch(t.input_ids[rows], t.lengths[rows], batch.loss_mask[rows])
+    if with_targets:
+        pb.old_logprobs = batch.old_logprobs[rows]
+        pb.advantages = batch.advantages[rows]
+        pb.rollout_logprobs = t.engine_logprobs[rows]
+        pb.ref_logprobs = None if batch.ref_logprobs is None else batch.ref_logprobs[rows]
+    return pb.micro(list(range(len(rows))))
+
+
+@torch.no_grad()
+def forward_logprobs(model: TrainedModel, batch: StepBatch, cfg: Config) -> torch.Tensor:
+    """[B, S-1] log-probs of the taken tokens under ``model`` (policy or reference), on
+    every rank; forward-only with token-budget micro-batches."""
+    mine = _local(list(range(batch.size)))
+    results = policy_forward_backward(
+        model.ddp, _policy_batch(batch, mine, False), vocab_size=model.arch.vocab_size,
+        temperature=cfg.rollout.temperature, max_tokens=cfg.trainer.max_tokens_per_microbatch,
+        forward_only=True)
+    return share_rows(_global_rows(results, mine), "logprobs",
+                      tuple(batch.tensors.response_mask.shape))
+
+
+@torch.no_grad()
+def critic_values(critic: TrainedModel, batch: StepBatch, cfg: Config) -> None:
+    """Pre-update critic outputs: SPPO's f(prompt) per sample, or gae's V per token."""
+    mine = _local(list(range(batch.size)))
+    max_tokens = cfg.trainer.max_tokens_per_microbatch
+    if cfg.algorithm.estimator == "sppo":
+        cb = CriticBatch(batch.critic_prompt_ids[mine], batch.critic_prompt_lengths[mine])
+        results = critic_forward_backward(critic.ddp, cb.micro(list(range(len(mine)))),
+                                          max_tokens=max_tokens, forward_only=True)
+        batch.critic_logits = share_rows(_global_rows(results, mine), "logits", (batch.size,))
+    else:
+        t = batch.tensors
+        tb = TokenCriticBatch(t.input_ids[mine], t.lengths[mine], batch.loss_mask[mine])
+        results = token_critic_forward_backward(critic.ddp, tb.micro(list(range(len(mine)))),
+                                                max_tokens=max_tokens, forward_only=True)
+        batch.values = share_rows(_global_rows(results, mine), "values",
+                                  tuple(t.response_mask.shape))
+
+
+def set_head_bias(critic: TrainedModel, success_rate: float, batch: StepBatch) -> float:
+    """Set the scalar head's bias to logit(success rate) (clamped to [0.02, 0.98]) and shift
+    the already computed logits by the same amount; returns the new bias."""
+    p = min(max(success_rate, 0.02), 0.98)
+    bias = math.log(p / (1 - p))
+    head = getattr(critic.module, "output_layer", None)
+    shift = 0.0
+    if head is not None and hasattr(head, "bias"):  # last pipeline stage holds the head
+        with torch.no_grad():
+            shift = bias - float(head.bias)
+            head.bias.fill_(bias)
+        # the optimizer keeps fp32 main params: refresh them from the model
+        critic.optimizer.reload_model_params()
+    shift_all = torch.tensor([shift])
+    from megatron_sppo.trainer.collectives import sum_over_replicas
+
+    replicas = sum_over_replicas(torch.ones(1)).item()
+    batch.critic_logits = batch.critic_logits + float(sum_over_replicas(shift_all)) / replicas
+    return bias
+
+
+def compute_step_advantages(batch: StepBatch, cfg: Config) -> None:
+    a = cfg.algorithm
+    out = compute_advantages(a.estimator, AdvantageBatch(
+        rewards=batch.rewards, response_mask=batch.tensors.response_mask,
+        group_index=batch.group_index, critic_logits=batch.critic_logits,
+        correctness=batch.correctness, values=batch.values,
+        greedy_rewards=batch.greedy_rewards, logprobs=batch.old_logprobs,
+        ref_logprobs=batch.ref_logprobs), **a.estimator_options())
+    batch.advantages, batch.returns = out.advantages, out.returns
+
+
+def mini_batches(batch: StepBatch, cfg: Config, seed: int) -> list[list[int]]:
+    """Sample rows of each PPO mini-batch for every epoch; a prompt's n samples stay together
+    and the prompt order is reshuffled each epoch (seeded by step and epoch)."""
+    prompts = int(batch.group_index.max()) + 1
+    per = cfg.trainer.mini_batch_size or prompts
+    out = []
+    for epoch in range(cfg.trainer.ppo_epochs):
+        order = (torch.randperm(prompts, generator=torch.Generator().manual_seed(seed + epoch))
+                 if epoch else torch.arange(prompts))
+        for start in range(0, prompts, per):
+            chosen = set(order[start:start + per].tolist())
+            out.append([i for i in range(batch.size) if int(batch.group_index[i]) in chosen])
+    return out
+
+
+def _run_update(model: TrainedModel, run, rows_per_mini: list[list[int]]) -> list[dict]:
+    """One optimizer step per mini-batch; returns per-mini-batch statistics."""
+    stats = []
+    for rows in rows_per_mini:
+        mine = _local(rows)
+        model.zero_grad()
+        results = run(mine)
+        applied, grad_norm = model.step()
+        stats.append({"results": results, "applied": applied, "grad_norm": grad_norm})
+    return stats
+
+
+def update_critic(critic: TrainedModel, batch: StepBatch, cfg: Config, seed: int) -> dict:
+    max_tokens = cfg.trainer.max_tokens_per_microbatch
+    t = batch.tensors
+
+    def run(mine):
+        if cfg.algorithm.estimator == "sppo":
+            cb = CriticBatch(batch.critic_prompt_ids[mine], batch.critic_prompt_lengths[mine],
+                             batch.correctness[mine])
+            return critic_forward_backward(critic.ddp, cb.micro(list(range(len(mine)))),
+                                           max_tokens=max_tokens)
+        tb = TokenCriticBatch(t.input_ids[mine], t.lengths[mine], batch.loss_mask[mine],
+                              batch.values[mine], batch.returns[mine])
+        return token_critic_forward_backward(critic.ddp, tb.micro(list(range(len(mine)))),
+                                             max_tokens=max_tokens,
+                                             clip_range=cfg.algorithm.value_clip)
+
+    stats = _run_update(critic, run, mini_batches(batch, cfg, seed))
+    sums = [sum_stats(s["results"], ["loss_sum", "denominator"]) for s in stats]
+    return {"critic_loss": _mean([s["loss_sum"] / max(s["denominator"], 1) for s in sums]),
+            "critic_grad_norm": _mean([s["grad_norm"] for s in stats]),
+            "critic_skipped": sum(not s["applied"] for s in stats),
+            "critic_lr": critic.lr}
+
+
+def update_policy(policy: TrainedModel, batch: StepBatch, cfg: Config, seed: int) -> dict:
+    loss_cfg = cfg.loss_config()
+
+    def run(mine):
+        return policy_forward_backward(
+            policy.ddp, _policy_batch(batch, mine, True), vocab_size=policy.arch.vocab_size,
+            temperature=cfg.rollout.temperature,
+            max_tokens=cfg.trainer.max_tokens_per_microbatch, loss_cfg=loss_cfg)
+
+    stats = _run_update(policy, run, mini_batches(batch, cfg, seed))
+    keys = ["loss_sum", "denominator", "tokens", *POLICY_STATS]
+    sums = [sum_stats(s["results"], keys) for s in stats]
+    tokens = sum(s["tokens"] for s in sums)
+    out = {"policy_loss": _mean([s["loss_sum"] / max(s["denominator"], 1) for s in sums]),
+           "grad_norm": _mean([s["grad_norm"] for s in stats]),
+           "policy_skipped": sum(not s["applied"] for s in stats),
+           "policy_lr": policy.lr}
+    for key in POLICY_STATS:
+        out[key.split("/", 1)[1]] = sum(s[key] for s in sums) / max(tokens, 1)
+    out["clip_fraction"] = out.pop("clipfrac")
+    out["approx_kl"] = out.pop("approx_kl_k3")
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
