@@ -193,21 +193,33 @@ class DataConfig:
     shuffle: bool = True
     eval_size: int = 400
 
+    def check(self) -> None:
+        from megatron_sppo.data.prompts import FORMATS
+
+        _choice("data.format", self.format, FORMATS)
+        _positive(**{"data.eval_size": self.eval_size})
+
 
 @dataclass
 class RewardConfig:
-    """``math`` (boxed answer, math-verify), ``arithmetic`` or ``package.module:function``;
-    ``routes`` maps a sample's data_source to another function. ``shuffle`` permutes the
-    outcomes within each batch: the control run that shows learning comes from the reward."""
+    """``function``: the default reward function (``math``, ``math_answer``, ``arithmetic``
+    or ``package.module:function``); ``routes``: data_source -> function.
+    ``correct``/``incorrect``/``no_answer`` pay verdicts; ``format_penalty`` is subtracted
+    when a response's format is off (for ``math``: not exactly one boxed answer after the
+    think block). ``require_think_close``: think-mode models, where a response that never
+    writes ``</think>`` has no answer. ``shuffle`` permutes outcomes within each batch: the
+    control run showing that learning comes from the reward."""
 
     function: str = "math"
     routes: dict = field(default_factory=dict)
-    shuffle: bool = False
     correct: float = 1.0
     incorrect: float = 0.0
     no_answer: float = 0.0
+    format_penalty: float = 0.0
+    require_think_close: bool = False
     timeout_s: float = 5.0
     workers: int = 2
+    shuffle: bool = False
 
 
 @dataclass
@@ -255,6 +267,7 @@ class Config:
         self.policy.check("policy")
         self.critic.check("critic")
         self.rollout.check()
+        self.data.check()
         self.trainer.check()
         _choice("algorithm.old_logprobs", self.algorithm.old_logprobs, ("policy", "engine"))
         if self.policy.checkpoint is None:

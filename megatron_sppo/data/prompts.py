@@ -1,16 +1,25 @@
-"""Prompt data for RL: records from JSONL, Parquet or HF ``datasets`` saved to disk, in the
-common RL layouts, and a deterministic, resumable iterator over them.
+"""Prompt data for RL: records from JSONL, JSON, Parquet or a folder written by HF
+``datasets.save_to_disk``, in the common RL layouts, and a deterministic, resumable iterator.
 
-Layouts (auto-detected from the first record, or forced by ``format``):
-- ``verl``: ``prompt`` is a chat-messages list, ``reward_model.ground_truth``,
-  ``data_source`` (verl's parquet; DAPO-Math-17k ships in it);
-- ``deepscaler``: ``{problem, answer}``;  ``math``: ``{problem, solution}`` (the boxed
-  answer of the solution is the ground truth);  ``plain``: ``{prompt, answer}``.
-Text prompts get the configured instruction appended; verl prompts are used as given.
+Layouts (``format``; ``auto`` detects it from the first record):
+
+- ``verl``: ``prompt`` is a chat-messages list, ``reward_model.ground_truth``, ``data_source``
+  (verl's parquet). DAPO-Math-17k ships in it (``data_source: math_dapo``, a prompt asking
+  for an "Answer:" line, which the reward registry checks by default); prompts are used as
+  given.
+- ``dapo``: DAPO-Math-17k rewritten for a boxed answer: the bare problem is cut out of
+  DAPO's prompt and gets the configured instruction, ``data_source`` becomes ``math``.
+- ``deepscaler``: ``{problem, answer}``.
+- ``math``: ``{problem, solution}``; the ground truth is the last boxed answer of the solution.
+- ``plain``: ``{prompt, answer}``.
+
+Text prompts get the instruction suffix appended (default: the R1 evaluation instruction).
+HF ``datasets`` need not be installed: a saved dataset is Arrow IPC files that pyarrow reads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -18,12 +27,28 @@ from pathlib import Path
 
 from megatron_sppo.errors import UserError
 
-FORMATS = ("auto", "verl", "deepscaler", "math", "plain")
+DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+FORMATS = ("auto", "verl", "dapo", "deepscaler", "math", "plain")
+LAYOUTS = {
+    "verl": "{prompt: [chat messages], reward_model: {ground_truth}, data_source}",
+    "dapo": "DAPO-Math-17k: {prompt: [chat messages], reward_model: {ground_truth}}",
+    "deepscaler": "{problem, answer}",
+    "math": "{problem, solution with a \\boxed{} answer}",
+    "plain": "{prompt, answer}",
+}
+# DAPO-Math-17k wraps every problem in these two sentences (they ask for "Answer: ...").
+DAPO_HEAD = ("Solve the following math problem step by step. The last line of your response "
+             "should be of the form Answer: $Answer (without quotes) where $Answer is the "
+             "answer to the problem.")
+DAPO_TAIL = 'Remember to put your answer on its own line after "Answer:".'
+# Row fields kept as metadata (difficulty, subject, ids) for metrics and user rewards.
+METADATA_FIELDS = ("level", "type", "subject", "id", "unique_id", "extra_info", "ability")
 
 
 @dataclass
 class PromptRecord:
-    """One prompt: ``prompt`` is text (a user turn) or a chat-messages list."""
+    """One prompt: ``prompt`` is a user-turn text or a chat-messages list; ``index`` is its
+    position in the loaded data (before any filtering), for tracing a sample back."""
 
     prompt: str | list
     ground_truth: str
@@ -32,125 +57,266 @@ class PromptRecord:
     index: int = 0
 
 
-def _read_rows(path: Path) -> list[dict]:
-    if path.is_dir():  # HF datasets' save_to_disk: arrow stream files + dataset_info.json
-        import pyarrow as pa
+# ---- reading files -------------------------------------------------------------------------
 
-        files = sorted(path.glob("*.arrow")) or sorted(path.glob("*/*.arrow"))
-        if not files:
-            raise UserError(f"{path} is a directory without .arrow files: give a JSONL or "
-                            "Parquet file, or a directory written by datasets.save_to_disk")
-        rows = []
-        for f in files:
-            with pa.memory_map(str(f)) as source:
-                rows += pa.ipc.open_stream(source).read_all().to_pylist()
-        return rows
-    if path.suffix == ".parquet":
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno}): "
+                                "fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{number}: a JSON {type(row).__name__}, not an object: "
+                                "each line must be one record {...}")
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> list[dict]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}): fix the file") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise UserError(f"{path}: expected a JSON list of records [{{...}}, ...]; for one "
+                        "record a line use .jsonl")
+    return rows
+
+
+def _read_arrow(files: list[Path]) -> list[dict]:
+    import pyarrow as pa
+
+    rows = []
+    for f in files:
+        with pa.memory_map(str(f)) as source:
+            try:
+                table = pa.ipc.open_stream(source).read_all()
+            except pa.ArrowInvalid:  # the random-access file format, for other writers
+                table = pa.ipc.open_file(source).read_all()
+        rows += table.to_pylist()
+    return rows
+
+
+def _read_saved_dataset(path: Path) -> list[dict]:
+    """A ``datasets.save_to_disk`` folder: ``state.json`` lists its Arrow files in order."""
+    if (path / "dataset_dict.json").exists():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        raise UserError(f"{path} holds several splits ({', '.join(splits)}): give one split's "
+                        f"folder, e.g. {path / (splits[0] if splits else 'train')}")
+    state = path / "state.json"
+    if state.exists():
+        files = [path / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    else:
+        files = sorted(path.glob("*.arrow"))
+    if not files:
+        raise UserError(f"{path} is a folder without a datasets state.json or .arrow files: "
+                        "give a JSONL/Parquet file or a folder written by datasets.save_to_disk")
+    return _read_arrow(files)
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The records of one file or saved-dataset folder, as dicts."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"prompt data {path} does not exist: check the path in the config")
+    if path.is_dir():
+        return _read_saved_dataset(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    if path.suffix in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
-        try:
-            return ([json.loads(line) for line in text.splitlines() if line.strip()]
-                    if path.suffix == ".jsonl" else json.loads(text))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} is not valid JSON ({e})") from None
-    raise UserError(f"{path}: unknown file type; use .jsonl, .json, .parquet or a "
-                    "datasets.save_to_disk directory")
+    if suffix == ".arrow":
+        return _read_arrow([path])
+    raise UserError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json, .parquet, .arrow "
+                    "or a datasets.save_to_disk folder")
 
 
-def detect_format(row: dict) -> str:
-    if isinstance(row.get("prompt"), list) and isinstance(row.get("reward_model"), dict):
+# ---- layouts -------------------------------------------------------------------------------
+
+def _is_messages(value) -> bool:
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(m, dict) and "role" in m and "content" in m for m in value))
+
+
+def detect_format(row: dict, where: str = "record") -> str:
+    """The layout of ``row``, or a UserError listing what each layout needs."""
+    if _is_messages(row.get("prompt")) and isinstance(row.get("reward_model"), dict):
         return "verl"
     if "problem" in row and "answer" in row:
         return "deepscaler"
     if "problem" in row and "solution" in row:
         return "math"
-    if "prompt" in row and "answer" in row:
+    if isinstance(row.get("prompt"), str) and "answer" in row:
         return "plain"
-    raise UserError(f"cannot tell the layout of a record with fields {sorted(row)}: expected "
-                    "verl (prompt messages + reward_model.ground_truth), {problem, answer}, "
-                    "{problem, solution} or {prompt, answer}")
+    expected = "; ".join(f"{name} {layout}" for name, layout in LAYOUTS.items())
+    raise UserError(f"{where}: cannot tell the layout of a record with fields {sorted(row)}; "
+                    f"expected one of: {expected}")
 
 
-def _record(row: dict, fmt: str, instruction: str, index: int) -> PromptRecord:
+def answer_text(value) -> str:
+    """A ground truth as text: integral floats lose their ``.0`` (``34.0`` -> ``34``)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _field(row: dict, name: str, fmt: str, where: str):
+    value = row.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise UserError(f"{where}: field {name!r} is missing or empty; the {fmt} layout is "
+                        f"{LAYOUTS[fmt]} (set data.format if the layout was misdetected)")
+    return value
+
+
+def _dapo_problem(messages: list, where: str) -> str:
+    text = messages[-1]["content"].strip()
+    if not (text.startswith(DAPO_HEAD) and text.endswith(DAPO_TAIL)):
+        raise UserError(f"{where}: the prompt is not DAPO-Math-17k's wrapper "
+                        f"({DAPO_HEAD[:40]}...); use format verl for this data")
+    return text[len(DAPO_HEAD):-len(DAPO_TAIL)].strip()
+
+
+def row_to_record(row: dict, fmt: str, *, instruction: str, index: int,
+                  where: str = "record") -> PromptRecord:
+    """One row in layout ``fmt`` as a :class:`PromptRecord`."""
     from megatron_sppo.rewards.math import last_boxed
 
-    def text(t: str) -> str:
-        return f"{t} {instruction}".strip() if instruction else t
+    def ask(text: str) -> str:
+        return f"{text.strip()} {instruction}" if instruction else text.strip()
 
-    meta = {k: v for k, v in row.items() if k in ("level", "type", "subject", "id")}
-    if fmt == "verl":
-        return PromptRecord(row["prompt"], str(row["reward_model"]["ground_truth"]),
-                            row.get("data_source") or "math", meta, index)
+    metadata = {k: row[k] for k in METADATA_FIELDS if row.get(k) is not None}
+    source = row.get("data_source") or "math"
+    if fmt in ("verl", "dapo"):
+        messages = _field(row, "prompt", fmt, where)
+        if not _is_messages(messages):
+            raise UserError(f"{where}: field 'prompt' is not a list of chat messages "
+                            "[{role, content}, ...] as the verl layout needs")
+        reward_model = _field(row, "reward_model", fmt, where)
+        truth = answer_text(_field(reward_model, "ground_truth", fmt, where))
+        if fmt == "dapo":
+            return PromptRecord(ask(_dapo_problem(messages, where)), truth, "math",
+                                {**metadata, "original_data_source": source}, index)
+        return PromptRecord([dict(m) for m in messages], truth, source, metadata, index)
     if fmt == "deepscaler":
-        return PromptRecord(text(row["problem"]), str(row["answer"]),
-                            row.get("data_source") or "math", meta, index)
+        return PromptRecord(ask(_field(row, "problem", fmt, where)),
+                            answer_text(_field(row, "answer", fmt, where)), source, metadata,
+                            index)
     if fmt == "math":
-        answer = last_boxed(row["solution"])
-        if answer is None:
-            raise UserError(f"MATH record {index} has no \\boxed answer in its solution")
-        return PromptRecord(text(row["problem"]), answer, row.get("data_source") or "math",
-                            meta, index)
-    return PromptRecord(text(row["prompt"]), str(row["answer"]),
-                        row.get("data_source") or "math", meta, index)
+        truth = last_boxed(_field(row, "solution", fmt, where))
+        if truth is None:
+            raise UserError(f"{where}: the solution has no \\boxed{{}} answer to use as the "
+                            "ground truth; add an 'answer' field or drop the record")
+        return PromptRecord(ask(_field(row, "problem", fmt, where)), truth, source, metadata,
+                            index)
+    if fmt == "plain":
+        return PromptRecord(ask(_field(row, "prompt", fmt, where)),
+                            answer_text(_field(row, "answer", fmt, where)), source, metadata,
+                            index)
+    raise UserError(f"data format {fmt!r}: use one of {', '.join(FORMATS)}")
 
 
 def load_prompt_records(files: list[str], format: str = "auto",
-                        instruction: str = "") -> list[PromptRecord]:
+                        instruction: str = DEFAULT_INSTRUCTION) -> list[PromptRecord]:
+    """Every record of ``files`` in order; ``index`` counts across files."""
     if format not in FORMATS:
         raise UserError(f"data format {format!r}: use one of {', '.join(FORMATS)}")
-    records = []
+    if isinstance(files, (str, Path)):
+        files = [files]
+    records: list[PromptRecord] = []
     for name in files:
-        path = Path(name)
-        if not path.exists():
-            raise UserError(f"prompt file {path} does not exist: fix data.train_files / "
-                            "data.eval_files")
-        rows = _read_rows(path)
+        rows = read_rows(name)
         if not rows:
-            raise UserError(f"prompt file {path} holds no records")
-        fmt = detect_format(rows[0]) if format == "auto" else format
-        records += [_record(r, fmt, instruction, len(records) + i) for i, r in enumerate(rows)]
+            raise UserError(f"prompt data {name} holds no records: check the file")
+        fmt = detect_format(rows[0], f"{name}: record 0") if format == "auto" else format
+        for i, row in enumerate(rows):
+            records.append(row_to_record(row, fmt, instruction=instruction,
+                                         index=len(records), where=f"{name}: record {i}"))
     return records
 
 
+# ---- chat template and length filter -------------------------------------------------------
+
+def _messages(prompt) -> list[dict]:
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def chat_text(tokenizer, prompt) -> str:
+    """A prompt (text or chat messages) under the tokenizer's chat template, ending with the
+    generation prompt (where the response starts)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("the policy's tokenizer has no chat template: use a chat/instruct "
+                        "checkpoint (its tokenizer_config.json sets chat_template)")
+    return tokenizer.apply_chat_template(_messages(prompt), add_generation_prompt=True,
+                                         tokenize=False)
+
+
 def chat_prompt_ids(tokenizer, prompt) -> list[int]:
-    """Token ids of a prompt (text or chat messages) under the tokenizer's chat template,
-    ending with the generation prompt (where the response starts)."""
-    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    """Token ids of :func:`chat_text`. The template writes any BOS itself, so the tokenizer
+    adds no special tokens."""
+    return tokenizer(chat_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+
+
+def chat_prompt_lengths(tokenizer, prompts: list) -> list[int]:
+    """Token counts of many prompts, tokenised in one batch (fast tokenizers run the batch
+    in parallel: 17k prompts take seconds, not minutes)."""
+    texts = [chat_text(tokenizer, p) for p in prompts]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def filter_by_length(records: list[PromptRecord], tokenizer, max_tokens: int,
                      report=print) -> list[PromptRecord]:
-    """Drop prompts longer than ``max_tokens`` under the chat template; report the count."""
-    kept = [r for r in records if len(chat_prompt_ids(tokenizer, r.prompt)) <= max_tokens]
+    """Drop prompts longer than ``max_tokens`` under the chat template; ``report`` gets one
+    line with the count when any are dropped."""
+    lengths = chat_prompt_lengths(tokenizer, [r.prompt for r in records])
+    kept = [r for r, n in zip(records, lengths, strict=True) if n <= max_tokens]
+    dropped = len(records) - len(kept)
     if not kept:
-        raise UserError(f"every prompt is longer than rollout.max_prompt_length={max_tokens} "
-                        "tokens: raise it")
-    if len(kept) < len(records) and report is not None:
-        report(f"filtered {len(records) - len(kept)} of {len(records)} prompts longer than "
-               f"{max_tokens} tokens")
+        raise UserError(f"all {len(records)} prompts are longer than {max_tokens} tokens "
+                        f"(shortest {min(lengths, default=0)}): raise rollout.max_prompt_length")
+    if dropped and report is not None:
+        report(f"dropped {dropped} of {len(records)} prompts longer than {max_tokens} tokens; "
+               f"{len(kept)} remain")
     return kept
 
 
+# ---- iteration -----------------------------------------------------------------------------
+
+def fingerprint(records: list[PromptRecord]) -> str:
+    """A digest of the data (prompts, answers, order): a resumed run must see the same."""
+    digest = hashlib.blake2b(digest_size=16)
+    for r in records:
+        digest.update(json.dumps([r.prompt, r.ground_truth, r.data_source],
+                                 ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
 class PromptIterator:
-    """Batches of records in a seeded order, epoch after epoch; ``state_dict`` is the exact
-    position, so a resumed run draws the same prompts the uninterrupted run would."""
+    """Batches of records in a seeded order, epoch after epoch (each epoch a fresh seeded
+    permutation; a batch may span two epochs). ``state_dict`` is the exact position, so a
+    resumed run draws the same prompts the uninterrupted run would have drawn."""
 
     def __init__(self, records: list[PromptRecord], seed: int = 0, shuffle: bool = True):
         if not records:
-            raise UserError("no prompts to train on")
+            raise UserError("no prompts to iterate over: check the prompt files and filters")
         self.records, self.seed, self.shuffle = records, seed, shuffle
         self.epoch, self.position = 0, 0
+        self._fingerprint = fingerprint(records)
         self._order = self._epoch_order()
 
     def _epoch_order(self) -> list[int]:
         order = list(range(len(self.records)))
         if self.shuffle:
-            random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
         return order
 
     def next_batch(self, n: int) -> list[PromptRecord]:
@@ -166,11 +332,15 @@ class PromptIterator:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "size": len(self.records)}
+                "shuffle": self.shuffle, "size": len(self.records),
+                "fingerprint": self._fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["size"] != len(self.records) or state["seed"] != self.seed:
-            raise UserError("the checkpoint's prompt data differs from the config's (size or "
-                            "seed changed): resume with the same data and trainer.seed")
+        mine = self.state_dict()
+        changed = [k for k in ("seed", "shuffle", "size", "fingerprint") if state.get(k) != mine[k]]
+        if changed:
+            raise UserError(f"the checkpoint's prompt data differs from this run's "
+                            f"({', '.join(changed)} changed): resume with the same data files, "
+                            "filters and trainer.seed")
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._epoch_order()
