@@ -5,6 +5,8 @@
     megatron-sppo convert verify --megatron-path DIR --hf-path DIR
     megatron-sppo train --config FILE.yaml [--resume auto] [key=value ...]
     megatron-sppo sft --model DIR --data FILE.jsonl --output DIR
+    megatron-sppo demo --output-dir DIR [key=value ...]
+    megatron-sppo eval --model DIR --benchmark NAME=FILE --output-dir DIR
 
 Bad input prints one ``error:`` line and
 exits with status 2.
@@ -133,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_sppo.cli_train import add_train_commands
 
     add_train_commands(commands)
+    from megatron_sppo.cli_eval import add_eval_command
+
+    add_eval_command(commands)
     return parser
 
 

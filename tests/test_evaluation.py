@@ -199,3 +199,35 @@ def test_paper_setting():
     assert {b.title for b in BENCHMARKS.values()} == {"AIME24", "AIME25", "AMC23", "MATH500",
                                                       "Minerva-Math"}
     assert math.isclose(sum(b.size for b in BENCHMARKS.values()), 30 + 30 + 40 + 500 + 272)
+
+
+def test_eval_command_matches_the_library_call(zoo, tmp_path):
+    """`megatron-sppo eval` on a tiny HF model: the same numbers as ``evaluate`` called
+    directly with the local engine and the same sampling, plus the TensorBoard scalars."""
+    import sys
+
+    from helpers import run
+    from transformers import AutoTokenizer
+
+    from megatron_sppo.rollout.local import LocalEngine
+
+    model = zoo["qwen2_gqa_untied"]
+    files = {"aime24": _jsonl(tmp_path / "a.jsonl", [{"problem": "1+1", "answer": "2"},
+                                                     {"problem": "2+3", "answer": "5"}]),
+             "math500": _jsonl(tmp_path / "m.jsonl", [{"problem": "9-4", "answer": "5"}])}
+    out = tmp_path / "out"
+    run([sys.executable, "-m", "megatron_sppo", "eval", "--model", model,
+         "--benchmark", f"aime24={files['aime24']}", "--benchmark", f"math500={files['math500']}",
+         "--output-dir", out, "--k", "3", "--temperature", "1.0", "--top-p", "0.9",
+         "--max-new-tokens", "6", "--seed", "5", "--reward", "math"])
+    got = json.loads((out / "eval.json").read_text())
+
+    sampling = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=6, n=3, seed=5)
+    engine = LocalEngine(model, load_weights=True)
+    with RewardScorer(RewardConfig(workers=1)) as scorer:
+        want = evaluate(engine, load_benchmarks(files), AutoTokenizer.from_pretrained(model),
+                        k=3, sampling=sampling, scorer=scorer)
+    assert got == json.loads(json.dumps(want))
+    assert got["benchmarks"]["aime24"]["problems"] == 2
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "eval.md").read_text().startswith("|")

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from megatron_sppo.data.prompts import PromptRecord, chat_prompt_ids
 from megatron_sppo.evaluation.benchmarks import BENCHMARKS
 from megatron_sppo.evaluation.metrics import summarize
+from megatron_sppo.fileio import write_text_atomic
 from megatron_sppo.rollout.engine import EngineError, SamplingParams
 
 PAPER_K = 16
@@ -118,23 +117,11 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Temp file in the same folder, then rename: a reader never sees half a report."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_report(results: dict, out_dir: str | Path, name: str = "eval") -> tuple[Path, Path]:
     """``{out_dir}/{name}.json`` (everything) and ``{out_dir}/{name}.md`` (the table)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{name}.json", out / f"{name}.md"
-    _write_atomic(json_path, json.dumps(results, indent=2) + "\n")
-    _write_atomic(md_path, markdown_table(results))
+    write_text_atomic(json_path, json.dumps(results, indent=2) + "\n")
+    write_text_atomic(md_path, markdown_table(results))
     return json_path, md_path

@@ -49,13 +49,15 @@ def evaluate_heldout(c, records, k: int, seed: int) -> dict:
             temperature=0.0, max_new_tokens=r.max_response_length, stop=tuple(r.stop)))
         s = c.scorer.score(records, sampled)
         g = c.scorer.score(records, greedy)
-        outcomes = torch.tensor(s.correctness).reshape(len(records), k)
+        # status, not correctness: reward.shuffle (the control run) permutes the latter
+        outcomes = torch.tensor([x == "correct" for x in s.status],
+                                dtype=torch.float).reshape(len(records), k)
         lengths = [len(x.token_ids) for per in sampled for x in per]
         truncated = [x.truncated for per in sampled for x in per]
         result = {"outcomes": outcomes,
                   "pass1_sampled": outcomes.mean().item(),
                   f"pass{k}": outcomes.max(1).values.mean().item(),
-                  "pass1_greedy": sum(g.correctness) / len(records),
+                  "pass1_greedy": g.status.count("correct") / len(records),
                   "response_length_mean": sum(lengths) / len(lengths),
                   "truncation_rate": sum(truncated) / len(truncated)}
     result = broadcast_object(result)

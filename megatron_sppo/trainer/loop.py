@@ -103,6 +103,7 @@ def run_step(c: Components, cfg: Config, step: int) -> dict:
     metrics.update(step_metrics(batch, cfg))
     metrics.update(timer.times)
     generated = float(batch.tensors.response_mask.sum())
+    metrics["generated_tokens"] = generated
     metrics["tokens_per_second"] = generated / max(sum(timer.times.values()), 1e-9)
     return metrics
 

@@ -22,6 +22,7 @@ class SFTConfig:
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 10
+    adam_beta2: float = 0.999
     tp: int = 1
     pp: int = 1
     max_tokens: int = 4096
@@ -95,7 +96,8 @@ def run_sft(cfg: SFTConfig) -> Path:
     model = build_trained_model("policy", ModelConfig(
         checkpoint=cfg.model, tensor_model_parallel_size=cfg.tp,
         pipeline_model_parallel_size=cfg.pp, lr=cfg.lr, min_lr=cfg.min_lr,
-        lr_warmup_steps=cfg.warmup_steps, lr_decay_style="cosine", clip_grad=1.0),
+        lr_warmup_steps=cfg.warmup_steps, lr_decay_style="cosine", clip_grad=1.0,
+        adam_beta2=cfg.adam_beta2),
         cfg.model, cfg.steps)
     tokenizer = AutoTokenizer.from_pretrained(model.hf_dir)
     pairs = tokenize_sft(read_jsonl(cfg.data), tokenizer)
