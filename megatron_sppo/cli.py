@@ -3,6 +3,7 @@
     megatron-sppo convert hf-to-megatron --hf-path DIR --megatron-path DIR [--tp N] [--pp N]
     megatron-sppo convert megatron-to-hf --megatron-path DIR --hf-path DIR
     megatron-sppo convert verify --megatron-path DIR --hf-path DIR
+    megatron-sppo convert hf-to-block-fp8 --hf-path DIR --out DIR
     megatron-sppo train --config FILE.yaml [--resume auto] [key=value ...]
     megatron-sppo sft --model DIR --data FILE.jsonl --output DIR
     megatron-sppo demo --output-dir DIR [key=value ...]
@@ -98,6 +99,26 @@ def run_verify(args: argparse.Namespace) -> None:
                         f"{args.tolerance}: the checkpoint does not match {args.hf_path}")
 
 
+def run_hf_to_block_fp8(args: argparse.Namespace) -> None:
+    import os
+    import shutil
+    from pathlib import Path
+
+    from megatron_sppo.quant.fp8_block import write_block_fp8_checkpoint
+
+    src, out = Path(args.hf_path), Path(args.out)
+    if not (src / "config.json").is_file():
+        raise UserError(f"--hf-path {src} has no config.json: give an HF model directory")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--out {out} exists: pass --overwrite to replace it")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_block_fp8_checkpoint(src, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    print(f"wrote {out} (128x128 block FP8, e4m3)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-sppo",
@@ -132,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest allowed max-abs logit difference (default 1e-4, fp32)")
     verify.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
     verify.set_defaults(func=run_verify)
+    fp8 = direction.add_parser(
+        "hf-to-block-fp8", help="HF -> 128x128 block-FP8 HF copy for FP8 SGLang rollouts",
+        description="Quantise every projection weight to e4m3 with one scale per 128x128 block "
+                    "(weight_scale_inv, the DeepSeek-V3 / Qwen3-FP8 layout SGLang loads) and "
+                    "write config.json's quantization_config. Point rollout.sglang.model_path at "
+                    "the result; the weight sync then pushes the same format.")
+    fp8.add_argument("--hf-path", required=True, help="bf16/fp32 HF model directory")
+    fp8.add_argument("--out", required=True, help="output HF directory")
+    fp8.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    fp8.set_defaults(func=run_hf_to_block_fp8)
     from megatron_sppo.cli_train import add_train_commands
 
     add_train_commands(commands)

@@ -19,9 +19,13 @@ def _is_rank0() -> bool:
 
 def run_train(args: argparse.Namespace) -> None:
     from megatron_sppo.config import load_config
-    from megatron_sppo.trainer.loop import train
+    from megatron_sppo.quant.fp8_train import check_fp8_runtime
 
     cfg = load_config(args.config, args.overrides, world_size=_world_size())
+    check_fp8_runtime({"policy": cfg.policy.fp8,
+                       **({"critic": cfg.critic.fp8} if cfg.algorithm.needs_critic else {})})
+    from megatron_sppo.trainer.loop import train  # megatron-core is imported from here on
+
     out = train(cfg, resume=args.resume)
     if _is_rank0():
         print(f"outputs: {out}")

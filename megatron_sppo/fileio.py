@@ -19,3 +19,16 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         os.unlink(tmp)
         raise
     return path
+
+
+def save_figure_atomic(fig, path: str | Path, dpi: int = 110) -> Path:
+    """A matplotlib figure as PNG at ``path`` (temporary file, then rename), then closed."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

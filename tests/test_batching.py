@@ -28,3 +28,14 @@ def test_select_rows_trims_to_the_longest_selected_row():
     assert mb.input_ids.tolist() == [[12, 13, 14, 15], [6, 7, 8, 9]]
     assert mb.old_logprobs.tolist() == [[10, 11, 12], [5, 6, 7]]
     assert mb.lengths.tolist() == [4, 3] and mb.advantages is None
+
+
+def test_select_rows_pads_to_an_alignment_multiple():
+    ids = torch.arange(1, 3 * 6 + 1).reshape(3, 6)
+    per_token = torch.ones(3, 5)
+    batch = PolicyBatch(ids, torch.tensor([6, 3, 4]), per_token, per_token)
+    mb = select_rows(batch, [2, 1], batch.lengths, multiple=8)
+    assert mb.input_ids.shape == (2, 8) and mb.old_logprobs.shape == (2, 7)
+    assert mb.input_ids[0].tolist() == [13, 14, 15, 16, 17, 18, 0, 0]
+    assert mb.old_logprobs[:, 5:].abs().sum() == 0 and mb.response_mask[:, :5].all()
+    assert select_rows(batch, [1], batch.lengths, multiple=4).input_ids.shape == (1, 4)

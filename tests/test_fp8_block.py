@@ -6,6 +6,7 @@ block quantiser as an independent implementation."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -223,3 +224,31 @@ def test_matches_modelopt_block_quantiser():
         theirs_deq = theirs.dequantize(dtype=torch.float32, scale=theirs_s,
                                        block_sizes={-1: 128, -2: 128})
         assert torch.equal(dequantize_block_fp8(ours_q, ours_s, dtype=torch.float32), theirs_deq)
+
+
+def test_convert_command_and_trainer_payload_choice(tmp_path):
+    """`megatron-sppo convert hf-to-block-fp8` writes a complete copy (never a half one), and
+    the trainer picks the payload the SGLang checkpoint needs before launching anything."""
+    from megatron_sppo.cli import main
+    from megatron_sppo.config import load_config
+    from megatron_sppo.models.tiny import make_tiny_hf_model
+    from megatron_sppo.trainer.components import sglang_payload
+
+    # whole 128x128 blocks per projection, as SGLang's block-FP8 loader requires
+    src = make_tiny_hf_model(tmp_path / "bf16", "qwen2", hidden_size=256, num_heads=2,
+                             num_kv_heads=1, intermediate_size=256, num_layers=1)
+    out = tmp_path / "fp8"
+    assert main(["convert", "hf-to-block-fp8", "--hf-path", str(src), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == \
+        QUANTIZATION_CONFIG
+    assert not (tmp_path / "fp8.partial").exists()
+    assert main(["convert", "hf-to-block-fp8", "--hf-path", str(src), "--out", str(out)]) == 2
+
+    def cfg(**sglang):
+        return load_config(overrides=[f"policy.checkpoint={src}", "rollout.engine=sglang",
+                                      *(f"rollout.sglang.{k}={v}" for k, v in sglang.items())])
+
+    assert sglang_payload(cfg(), src, src) == "bf16"
+    assert sglang_payload(cfg(model_path=out), src, out) == "fp8_block"
+    with pytest.raises(UserError, match="does not re-quantise"):
+        sglang_payload(cfg(quantization="fp8"), src, src)

@@ -1,6 +1,6 @@
 """One SPPO policy update inside megatron-core (schedule, DDP, optimizer with clipping) gives
-the same loss, grad norm and updated weights at TP=1, TP=2, PP=2, TP2xPP2 and DP=2 and for
-two different micro-batchings; the loss equals the same PPO loss on HF transformers' log-probs."""
+the same loss, grad norm and updated weights at TP=1, TP=2, PP=2, TP2xPP2 and DP=2, for
+two different micro-batchings and with micro-batch widths padded to FP8's 16-token alignment; the loss equals the same PPO loss on HF transformers' log-probs."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ sys.path.insert(0, str(DIST))
 
 LAYOUTS = {  # name -> (ranks, flags)
     "tp1_budget16": (1, ("--max-tokens", "16")),
+    "tp1_align16": (1, ("--align", "16")),  # FP8 token alignment: padding changes nothing
     "tp2": (2, ("--tp", "2")),
     "pp2": (2, ("--pp", "2")),
     "dp2": (2, ()),

@@ -262,3 +262,26 @@ def test_build_engine_kinds(zoo):
         build_engine("vllm")
     with pytest.raises(UserError, match="model_path"):
         build_engine("sglang")
+
+
+def test_fp8_block_payload_is_quantised_before_the_push(fakes):
+    """A server started from a block-FP8 checkpoint receives e4m3 projection weights with
+    their weight_scale_inv, everything else as sent."""
+    from megatron_sppo.quant.fp8_block import dequantize_block_fp8, scale_name
+
+    fake = fakes()
+    engine = SGLangEngine([SGLangServer.attach(fake.url)], sync="tensor", bucket_bytes=256,
+                          payload="fp8_block", **FAST)
+    weights = _weights()
+    engine.update_weights(weights.items(), version=1)
+    proj = "model.layers.0.mlp.up_proj.weight"
+    assert fake.weights[proj].dtype == torch.float8_e4m3fn
+    deq = dequantize_block_fp8(fake.weights[proj], fake.weights[scale_name(proj)],
+                               dtype=torch.float32)
+    original = weights[proj].float()
+    assert ((deq - original).abs() <= original.abs() / 16 + 1e-6).all()
+    for name in set(weights) - {proj}:
+        assert torch.equal(fake.weights[name], weights[name]), name
+    engine.shutdown()
+    with pytest.raises(UserError, match="payload='int4'"):
+        SGLangEngine([SGLangServer.attach(fake.url)], sync="tensor", payload="int4", **FAST)

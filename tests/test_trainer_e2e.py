@@ -119,7 +119,7 @@ def test_sigkill_and_resume_reproduces_the_run(tp1_run, tmp_path):
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in (3, 4):
         for key, value in reference[step].items():
-            if not key.startswith("time_") and key != "tokens_per_second":
+            if not key.startswith("time_") and key not in ("tokens_per_second", "train_seconds"):
                 assert resumed[step][key] == value, (step, key)
 
 
@@ -130,6 +130,9 @@ def test_sigkill_and_resume_reproduces_the_run(tp1_run, tmp_path):
     ("policy.tensor_model_parallel_size=3", "does not divide the 1 launched ranks"),
     ("rollout.top_p=1.5", "rollout.top_p=1.5"),
     ("trainer.mini_batch_size=3", "must divide trainer.prompts_per_step"),
+    ("data.format=xml", "data.format"),
+    ("policy.fp8.format=e5m2", "policy.fp8.format='e5m2'"),
+    ("critic.fp8.format=e4m3", "critic.fp8.format=e4m3 needs"),  # no TE / GPU here
 ])
 def test_config_errors_are_one_line(zoo, tmp_path, override, message):
     config = write_config(tmp_path, zoo["qwen2_gqa_untied"])

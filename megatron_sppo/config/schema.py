@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from megatron_sppo.errors import UserError
+from megatron_sppo.quant.fp8_train import FP8Settings
 from megatron_sppo.rollout import ENGINES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -32,9 +33,10 @@ def _positive(**values) -> None:
 
 @dataclass
 class ModelConfig:
-    """A Megatron model (policy or critic): where it starts, its layout, its optimizer, and the
+    """A Megatron model (policy or critic): where it starts, its layout, its optimizer, the
     memory settings a large model needs (recompute, sequence parallelism, distributed
-    optimizer, optimizer CPU offload)."""
+    optimizer, optimizer CPU offload) and FP8 training (``fp8.format`` e4m3|hybrid,
+    ``fp8.recipe`` delayed|tensorwise|blockwise|mxfp8; Transformer Engine on a GPU)."""
 
     checkpoint: str | None = None
     tensor_model_parallel_size: int = 1
@@ -55,6 +57,7 @@ class ModelConfig:
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     optimizer_cpu_offload: bool = False
+    fp8: FP8Settings = field(default_factory=FP8Settings)
 
     def check(self, prefix: str) -> None:
         _positive(**{f"{prefix}.tensor_model_parallel_size": self.tensor_model_parallel_size,
@@ -78,6 +81,8 @@ class ModelConfig:
                             "the distributed optimizer's states)")
         if self.lr_warmup_steps < 0:
             raise UserError(f"config key {prefix}.lr_warmup_steps must be >= 0")
+        # choices now; the layer counts once the checkpoint's architecture is read
+        self.fp8.check(prefix=f"{prefix}.fp8")
 
 
 @dataclass
@@ -101,9 +106,13 @@ class CriticConfig(ModelConfig):
 
 @dataclass
 class SGLangConfig:
-    """SGLang servers for rollouts: launched by the trainer or given by address."""
+    """SGLang servers for rollouts: launched by the trainer or given by address.
+    ``model_path``: the checkpoint the servers load (default: the policy's HF files); a
+    block-FP8 copy (``megatron-sppo convert hf-to-block-fp8``) makes rollouts FP8, and the
+    weight sync then quantises the trainer's weights into the same form."""
 
     addresses: list[str] = field(default_factory=list)
+    model_path: str | None = None
     python: str = "/opt/sglang-venv/bin/python"
     replicas: int = 1
     tp_size: int = 1
@@ -144,9 +153,13 @@ class AlgorithmConfig:
     """The advantage estimator and losses. truncated_reward: the reward of a response cut at
     the length limit (None keeps the verifier's score); truncated_in_loss: false drops such
     responses from the policy loss (DAPO's overlong filtering). old_logprobs: ``policy`` (a
-    forward pass of the pre-update policy) or ``engine`` (the rollout engine's)."""
+    forward pass of the pre-update policy) or ``engine`` (the rollout engine's).
+    sppo_baseline: ``critic`` (the paper) or ``running_mean`` (the ablation: V is a running
+    mean of past batches' success rate, the same for every prompt; no critic is built)."""
 
     estimator: str = "sppo"
+    sppo_baseline: str = "critic"
+    baseline_momentum: float = 0.9
     normalize_advantages: bool = False
     gamma: float = 1.0
     lam: float = 1.0
@@ -175,7 +188,11 @@ class AlgorithmConfig:
 
     @property
     def needs_critic(self) -> bool:
-        return self.estimator in CRITIC_ESTIMATORS
+        return self.estimator in CRITIC_ESTIMATORS and not self.running_mean_baseline
+
+    @property
+    def running_mean_baseline(self) -> bool:
+        return self.estimator == "sppo" and self.sppo_baseline == "running_mean"
 
     @property
     def needs_reference(self) -> bool:
@@ -237,6 +254,7 @@ class TrainerConfig:
     eval_before: bool = False
     seed: int = 1234
     max_bad_steps: int = 3
+    max_train_seconds: float = 0.0
     tensorboard: bool = True
     progress: bool = True
 
@@ -248,6 +266,8 @@ class TrainerConfig:
                      "trainer.keep_last": self.keep_last})
         if self.mini_batch_size is not None:
             _positive(**{"trainer.mini_batch_size": self.mini_batch_size})
+        if self.max_train_seconds < 0:
+            raise UserError("config key trainer.max_train_seconds must be >= 0 (0: no limit)")
 
 
 @dataclass
@@ -270,6 +290,10 @@ class Config:
         self.data.check()
         self.trainer.check()
         _choice("algorithm.old_logprobs", self.algorithm.old_logprobs, ("policy", "engine"))
+        _choice("algorithm.sppo_baseline", self.algorithm.sppo_baseline,
+                ("critic", "running_mean"))
+        if not 0 <= self.algorithm.baseline_momentum < 1:
+            raise UserError("config key algorithm.baseline_momentum must be in [0, 1)")
         if self.policy.checkpoint is None:
             raise UserError("config key policy.checkpoint is not set: give an HF or Megatron "
                             "checkpoint directory (or builtin:tiny-arithmetic)")

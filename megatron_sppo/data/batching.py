@@ -35,17 +35,22 @@ def token_budget_microbatches(lengths: list[int], max_tokens: int) -> list[list[
     return batches
 
 
-def select_rows(batch, rows: list[int], lengths: torch.Tensor):
+def select_rows(batch, rows: list[int], lengths: torch.Tensor, multiple: int = 1):
     """The rows of a dataclass of [B], [B, S] and [B, S-1] tensors (None fields stay None),
-    trimmed to the longest of those rows (``lengths``: [B] real sequence lengths)."""
+    trimmed to the longest of those rows (``lengths``: [B] real sequence lengths), then
+    right-padded with zeros to a width that is a multiple of ``multiple`` (FP8 GEMMs and
+    sequence parallelism need aligned sequence lengths; padding sits after every real token
+    and outside every mask, so causal attention leaves real positions unchanged)."""
     idx = torch.tensor(rows)
     values = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
     full = max(t.shape[1] for t in values.values() if t is not None and t.dim() == 2)
-    cut = full - int(lengths[idx].max())  # columns of padding every selected row shares
+    width = -(-int(lengths[idx].max()) // multiple) * multiple
+    cut = full - width  # columns to drop (< 0: columns of padding to add)
 
     def take(t):
         if t is None or t.dim() == 1:
             return None if t is None else t[idx]
-        return t[idx, : t.shape[1] - cut]
+        t = t[idx, : t.shape[1] - max(cut, 0)]
+        return torch.nn.functional.pad(t, (0, -cut)) if cut < 0 else t
 
     return dataclasses.replace(batch, **{name: take(t) for name, t in values.items()})

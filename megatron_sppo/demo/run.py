@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 from megatron_sppo.errors import UserError
-from megatron_sppo.fileio import write_text_atomic
+from megatron_sppo.fileio import save_figure_atomic, write_text_atomic
 
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny_cpu_sppo.yaml"
 
 
-def _train(config: Path, out: Path, overrides: list[str]) -> list[dict]:
+def train_run(config: Path, out: Path, overrides: list[str]) -> list[dict]:
     """One training run in a child process (it owns its process groups); its metrics."""
     cmd = [sys.executable, "-m", "megatron_sppo", "train", "--config", str(config),
            f"trainer.output_dir={out}", *overrides]
@@ -39,7 +39,7 @@ def _train(config: Path, out: Path, overrides: list[str]) -> list[dict]:
             if line.strip()]
 
 
-def _eval_points(rows: list[dict]) -> list[dict]:
+def eval_points(rows: list[dict]) -> list[dict]:
     """Rows that carry held-out evaluation, with the cumulative training seconds and
     generated tokens up to that step."""
     points, seconds, tokens = [], 0.0, 0.0
@@ -54,7 +54,7 @@ def _eval_points(rows: list[dict]) -> list[dict]:
 
 def summarize(sppo: list[dict], control: list[dict]) -> dict:
     """The demo's summary from the two runs' metrics.jsonl rows."""
-    points, ctrl = _eval_points(sppo), _eval_points(control)
+    points, ctrl = eval_points(sppo), eval_points(control)
     if not points or points[0]["step"] != 0 or len(points) < 2 or not ctrl:
         raise UserError("the demo runs lack held-out evaluations at step 0 and at the end: keep "
                         "trainer.eval_before=true and trainer.eval_interval dividing total_steps")
@@ -125,11 +125,7 @@ def plot_curve(s: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="center right")
     fig.suptitle("SPPO on the built-in arithmetic task (tiny model, megatron-core on CPU)")
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path)
 
 
 def run_demo(output_dir: str | Path, config: str | Path | None = None,
@@ -149,9 +145,9 @@ def run_demo(output_dir: str | Path, config: str | Path | None = None,
     resolve_builtin(cfg.policy.checkpoint)  # set-up: builds the cached model if needed
     setup = time.time() - t0
     t1 = time.time()
-    sppo = _train(config, out / "sppo", ["trainer.eval_before=true", *overrides])
+    sppo = train_run(config, out / "sppo", ["trainer.eval_before=true", *overrides])
     total = sppo[-1]["step"]
-    control = _train(config, out / "control", ["reward.shuffle=true", "trainer.eval_before=false",
+    control = train_run(config, out / "control", ["reward.shuffle=true", "trainer.eval_before=false",
                                                f"trainer.eval_interval={total}", *overrides])
     summary = summarize(sppo, control)
     summary.update(wall_seconds=time.time() - t1, setup_seconds=setup, config=str(config),

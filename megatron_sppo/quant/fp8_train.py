@@ -52,9 +52,9 @@ class FP8Settings:
     num_layers_at_start_in_bf16: int = 1
     num_layers_at_end_in_bf16: int = 1
 
-    def check(self, num_layers: int, pipeline_parallel_size: int = 1,
+    def check(self, num_layers: int | None = None, pipeline_parallel_size: int = 1,
               prefix: str = "fp8") -> None:
-        """Choices and layer counts (no GPU needed)."""
+        """Choices, and the bf16 layer counts when ``num_layers`` is known (no GPU needed)."""
         if self.format is None:
             return
         for key, value, options in (("format", self.format, FORMATS),
@@ -71,6 +71,8 @@ class FP8Settings:
             raise UserError(f"config key {prefix}.first_last_layers_bf16=true does not work with "
                             f"delayed scaling (megatron-core refuses it): set {prefix}.recipe to "
                             "tensorwise, blockwise or mxfp8")
+        if num_layers is None:
+            return
         per_stage = num_layers // pipeline_parallel_size
         for key in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
             value = getattr(self, key)
@@ -152,6 +154,16 @@ def check_fp8_support(settings: FP8Settings, env: GPUEnvironment, prefix: str = 
         raise UserError(f"{prefix}.recipe={recipe} needs Transformer Engine >= "
                         f"{minimum.removesuffix('.dev0')}, found {env.te_version}: use a newer "
                         "NGC container or recipe delayed")
+
+
+def check_fp8_runtime(models: dict[str, FP8Settings]) -> None:
+    """``{config prefix: settings}`` of the models to be trained: refuse, before anything is
+    built, an FP8 recipe this machine cannot run."""
+    wanted = {prefix: s for prefix, s in models.items() if s.format}
+    if wanted:
+        env = detect_environment()
+        for prefix, settings in wanted.items():
+            check_fp8_support(settings, env, f"{prefix}.fp8")
 
 
 def fp8_align_size(recipe: str) -> int:

@@ -6,6 +6,11 @@ of the transports of :mod:`.sglang_weights`. ``update_weights`` serves the singl
 case (this process holds every exported tensor: ``sync="distributed"`` from the source rank,
 or ``sync="tensor"`` with one TP=1 server on this process's GPU); a multi-rank colocated
 trainer drives :class:`.sglang_weights.TensorSync` per server itself.
+
+``payload="fp8_block"`` serves servers launched from a 128x128 block-FP8 checkpoint: every
+projection weight is quantised (e4m3 + ``weight_scale_inv``) before it is bucketed, because
+SGLang loads pushed tensors as they come and never re-quantises bf16
+(:func:`megatron_sppo.quant.fp8_block.sync_payload_format` decides which payload a server needs).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from megatron_sppo.rollout.sglang_launcher import (DEFAULT_SGLANG_PYTHON, Launch
 from megatron_sppo.rollout.sglang_weights import BroadcastSync, TensorSync
 
 SYNCS = ("distributed", "tensor")
+PAYLOADS = ("bf16", "fp8_block")
 
 
 class SGLangEngine:
@@ -31,9 +37,12 @@ class SGLangEngine:
     def __init__(self, servers: list[SGLangServer], *, sync: str = "distributed",
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, master_address: str = "127.0.0.1",
                  master_port: int = 29700, sync_backend: str = "nccl",
-                 sync_device: str = "cuda", **client_options):
+                 sync_device: str = "cuda", payload: str = "bf16", **client_options):
         if sync not in SYNCS:
             raise UserError(f"sync={sync!r}: use one of {', '.join(SYNCS)}")
+        if payload not in PAYLOADS:
+            raise UserError(f"payload={payload!r}: use one of {', '.join(PAYLOADS)}")
+        self.payload = payload
         self.servers = servers
         self.client = SGLangClient(servers, **client_options)
         self.bucket_bytes = bucket_bytes
@@ -97,6 +106,10 @@ class SGLangEngine:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
                        version: int) -> None:
+        if self.payload == "fp8_block":
+            from megatron_sppo.quant.fp8_block import quantize_named_tensors
+
+            named_tensors = quantize_named_tensors(named_tensors)
         self.sync.push(bucketed(named_tensors, self.bucket_bytes), version)
         self._version = version
 

@@ -54,11 +54,11 @@ def share_rows(results: list[dict], key: str, shape: tuple[int, ...]) -> torch.T
     for r in results:
         values = r[key].to(torch.float64)
         for k, row in enumerate(r["rows"]):
-            width = values.shape[1] if values.dim() > 1 else None
-            if width is None:
+            if values.dim() == 1:
                 out[row] = values[k]
-            else:
-                out[row, :width] = values[k]
+            else:  # micro-batches are trimmed to their rows, or padded for alignment
+                width = min(values.shape[1], shape[1])
+                out[row, :width] = values[k, :width]
     return sum_over_replicas(out).to(torch.float32)
 
 

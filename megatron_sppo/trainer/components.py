@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from megatron_sppo.config import Config
 from megatron_sppo.data.prompts import chat_prompt_ids
+from megatron_sppo.errors import UserError
 from megatron_sppo.rewards import Scored
 from megatron_sppo.rollout.engine import Sample, SamplingParams
 from megatron_sppo.trainer.collectives import broadcast_object
@@ -168,13 +169,35 @@ def build_engine_for(cfg: Config, hf_dir: Path, output_dir: Path):
     if cfg.rollout.engine == "local":
         return build_engine("local", hf_path=hf_dir)
     s = cfg.rollout.sglang
+    model_path = Path(s.model_path) if s.model_path else hf_dir
     return build_engine(
-        "sglang", model_path=str(hf_dir), addresses=s.addresses, python=s.python,
+        "sglang", model_path=str(model_path), addresses=s.addresses, python=s.python,
         replicas=s.replicas, tp_size=s.tp_size, port=s.port, base_gpu_id=s.base_gpu_id,
         mem_fraction_static=s.mem_fraction_static, enable_memory_saver=s.enable_memory_saver,
         dtype=s.dtype, quantization=s.quantization, startup_timeout_s=s.startup_timeout_s,
         request_timeout_s=s.request_timeout_s, bucket_mb=s.bucket_mb,
-        log_dir=str(output_dir / "sglang_logs"))
+        log_dir=str(output_dir / "sglang_logs"),
+        payload=sglang_payload(cfg, hf_dir, model_path))
+
+
+def sglang_payload(cfg: Config, hf_dir: Path, model_path: Path) -> str:
+    """``bf16`` or ``fp8_block``: what the servers loading ``model_path`` need pushed (a
+    bf16 push to an online-FP8 server is refused with the reason)."""
+    import json
+
+    from megatron_sppo.models.hf_config import arch_from_hf_config, load_hf_config
+    from megatron_sppo.quant.fp8_block import check_sglang_block_layout, sync_payload_format
+
+    config_file = model_path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"rollout.sglang.model_path={model_path} has no config.json: give an HF "
+                        "model directory")
+    payload = sync_payload_format(cfg.rollout.sglang.quantization,
+                                  json.loads(config_file.read_text()))
+    if payload == "fp8_block":
+        check_sglang_block_layout(arch_from_hf_config(load_hf_config(hf_dir)),
+                                  cfg.rollout.sglang.tp_size)
+    return payload
 
 
 def build_components(cfg: Config) -> Components:

@@ -31,12 +31,12 @@ class CriticBatch:
     prompt_lengths: torch.Tensor
     correctness: torch.Tensor | None = None
 
-    def micro(self, rows: list[int]) -> "CriticBatch":
-        return select_rows(self, rows, self.prompt_lengths)
+    def micro(self, rows: list[int], align: int = 1) -> "CriticBatch":
+        return select_rows(self, rows, self.prompt_lengths, align)
 
 
 def critic_forward_backward(model, batch: CriticBatch, *, max_tokens: int,
-                            forward_only: bool = False) -> list[dict]:
+                            forward_only: bool = False, align: int = 1) -> list[dict]:
     """forward_only: dicts with ``rows`` and their ``logits`` f(prompt); otherwise the BCE
     update's gradients are accumulated in the DDP buffers (call optimizer.step() after)."""
     groups = token_budget_microbatches(batch.prompt_lengths.tolist(), max_tokens)
@@ -49,7 +49,7 @@ def critic_forward_backward(model, batch: CriticBatch, *, max_tokens: int,
         out = bce_value_loss(logits, mb.correctness)
         return out.loss_sum, out.denominator, {}
 
-    micro = [(rows, batch.micro(rows)) for rows in groups]
+    micro = [(rows, batch.micro(rows, align)) for rows in groups]
     return run_microbatches(model, [(mb.prompt_ids, (rows, mb)) for rows, mb in micro], loss,
                             forward_only)
 
@@ -78,13 +78,13 @@ class TokenCriticBatch:
     old_values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
 
-    def micro(self, rows: list[int]) -> "TokenCriticBatch":
-        return select_rows(self, rows, self.lengths)
+    def micro(self, rows: list[int], align: int = 1) -> "TokenCriticBatch":
+        return select_rows(self, rows, self.lengths, align)
 
 
 def token_critic_forward_backward(model, batch: TokenCriticBatch, *, max_tokens: int,
                                   clip_range: float = 0.5,
-                                  forward_only: bool = False) -> list[dict]:
+                                  forward_only: bool = False, align: int = 1) -> list[dict]:
     """forward_only: dicts with ``rows`` and per-token ``values``; otherwise the clipped value
     loss (token-mean over the mini-batch) is back-propagated."""
     groups = token_budget_microbatches(batch.lengths.tolist(), max_tokens)
@@ -97,6 +97,6 @@ def token_critic_forward_backward(model, batch: TokenCriticBatch, *, max_tokens:
         out = clipped_value_loss(values, mb.old_values, mb.returns, mb.response_mask, clip_range)
         return out.loss_sum, out.denominator, {}
 
-    micro = [(rows, batch.micro(rows)) for rows in groups]
+    micro = [(rows, batch.micro(rows, align)) for rows in groups]
     return run_microbatches(model, [(mb.input_ids, (rows, mb)) for rows, mb in micro], loss,
                             forward_only)

@@ -83,6 +83,8 @@ def run_step(c: Components, cfg: Config, step: int) -> dict:
                 metrics["critic_head_bias"] = rl_step.set_head_bias(
                     c.critic, batch.correctness.mean().item(), batch)
                 c.state["bias_set"] = True
+    elif cfg.algorithm.running_mean_baseline:
+        rl_step.running_mean_baseline(c.state, batch, cfg.algorithm.baseline_momentum)
     with timer("policy"):
         if cfg.algorithm.old_logprobs == "engine":
             batch.old_logprobs = batch.tensors.engine_logprobs
@@ -182,7 +184,12 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             else:
                 bad_in_a_row = 0
             metrics["skipped_steps"] = c.state.get("skipped_steps", 0)
-            if cfg.trainer.eval_interval and step % cfg.trainer.eval_interval == 0:
+            c.state["train_seconds"] = c.state.get("train_seconds", 0.0) + sum(
+                v for k, v in metrics.items() if k.startswith("time_"))
+            metrics["train_seconds"] = c.state["train_seconds"]
+            out_of_time = 0 < cfg.trainer.max_train_seconds <= c.state["train_seconds"]
+            if (cfg.trainer.eval_interval and step % cfg.trainer.eval_interval == 0) or (
+                    out_of_time and c.eval_records):
                 metrics.update(c.evaluate(step))
             if log is not None:
                 log.log(step, metrics)
@@ -193,6 +200,11 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             if stopping:
                 if rank0:
                     print(f"received {stop.signal}: checkpointed step {step}, exiting", flush=True)
+                break
+            if out_of_time:
+                if rank0:
+                    print(f"trainer.max_train_seconds={cfg.trainer.max_train_seconds:g} reached "
+                          f"at step {step}", flush=True)
                 break
     finally:
         if log is not None:

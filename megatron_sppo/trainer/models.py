@@ -29,6 +29,7 @@ class TrainedModel:
     optimizer: object
     scheduler: object
     hf_dir: Path
+    align: int = 1  # micro-batch widths are padded to a multiple of this (sequence_align)
 
     def zero_grad(self) -> None:
         self.ddp.zero_grad_buffer()
@@ -49,18 +50,29 @@ class TrainedModel:
         return self.optimizer.param_groups[0]["lr"]
 
 
-def transformer_overrides(cfg: ModelConfig) -> dict:
+def transformer_overrides(cfg: ModelConfig, num_layers: int, prefix: str = "policy") -> dict:
     """The TransformerConfig settings the trainer needs (per-token loss, variable lengths)
-    plus the memory settings of the config section."""
+    plus the memory and FP8 settings of the config section."""
     overrides = dict(calculate_per_token_loss=True, variable_seq_lengths=True,
                      moe_token_dispatcher_type="alltoall",
-                     sequence_parallel=cfg.sequence_parallel)
+                     sequence_parallel=cfg.sequence_parallel,
+                     **cfg.fp8.transformer_config_kwargs(
+                         num_layers, cfg.pipeline_model_parallel_size, f"{prefix}.fp8"))
     if cfg.recompute_granularity:
         overrides.update(recompute_granularity=cfg.recompute_granularity,
                          recompute_method=cfg.recompute_method,
                          recompute_num_layers=cfg.recompute_num_layers
                          if cfg.recompute_num_layers is not None else 1)
     return overrides
+
+
+def sequence_align(cfg: ModelConfig) -> int:
+    """What every micro-batch's sequence width is padded to a multiple of: FP8 GEMM token
+    alignment and the TP split of sequence parallelism."""
+    from megatron_sppo.quant.fp8_train import sequence_multiple
+
+    return sequence_multiple(cfg.fp8.recipe if cfg.fp8.format else None,
+                             cfg.tensor_model_parallel_size, cfg.sequence_parallel)
 
 
 def checkpoint_source(path: str) -> tuple[Path, Path | None]:
@@ -87,7 +99,7 @@ def build_trained_model(kind: str, cfg: ModelConfig, checkpoint: str,
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     critic = kind == "critic"
-    module, arch = build_module(cfg, checkpoint, critic=critic)
+    module, arch = build_module(cfg, checkpoint, critic=critic, prefix=kind)
     hf_dir = checkpoint_source(checkpoint)[0]
     config, dtype = module.config, DTYPES[cfg.params_dtype]
     ddp = DistributedDataParallel(
@@ -108,11 +120,13 @@ def build_trained_model(kind: str, cfg: ModelConfig, checkpoint: str,
         lr_decay_steps=max(total_steps, cfg.lr_warmup_steps + 1),
         lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
         wd_incr_steps=max(total_steps, 1), wd_incr_style="constant")
-    return TrainedModel(kind, arch, config, module, ddp, optimizer, scheduler, hf_dir)
+    return TrainedModel(kind, arch, config, module, ddp, optimizer, scheduler, hf_dir,
+                        sequence_align(cfg))
 
 
 def build_module(cfg: ModelConfig, checkpoint: str, *, critic: bool = False,
-                 frozen: bool = False) -> tuple[torch.nn.Module, ModelArch]:
+                 frozen: bool = False, prefix: str = "policy"
+                 ) -> tuple[torch.nn.Module, ModelArch]:
     """Collective: this rank's GPTModel chunk (policy, or critic with a new scalar head) at the
     config's layout, filled from an HF or Megatron checkpoint; ``frozen`` for forward-only
     use (the reference policy)."""
@@ -128,7 +142,7 @@ def build_module(cfg: ModelConfig, checkpoint: str, *, critic: bool = False,
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
     arch.check_parallel(tp, pp)
     config = transformer_config(arch, tp=tp, pp=pp, params_dtype=DTYPES[cfg.params_dtype],
-                                **transformer_overrides(cfg))
+                                **transformer_overrides(cfg, arch.num_layers, prefix))
     module = (build_critic_model if critic else build_gpt_model)(arch, config)
     if iter_dir is None:
         load_hf_weights(module, HFCheckpointReader(hf_dir), arch, include_head=not critic)

@@ -36,13 +36,13 @@ class PolicyBatch:
     rollout_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
 
-    def micro(self, rows: list[int]) -> "PolicyBatch":
-        return select_rows(self, rows, self.lengths)
+    def micro(self, rows: list[int], align: int = 1) -> "PolicyBatch":
+        return select_rows(self, rows, self.lengths, align)
 
 
 def policy_forward_backward(model, batch: PolicyBatch, *, vocab_size: int, temperature: float,
                             max_tokens: int, loss_cfg: PolicyLossConfig | None = None,
-                            forward_only: bool = False) -> list[dict]:
+                            forward_only: bool = False, align: int = 1) -> list[dict]:
     """Run the mini-batch; returns one dict per micro-batch (on the last pipeline stage).
 
     forward_only: no loss or gradients; each dict holds ``rows`` and their ``logprobs``
@@ -70,7 +70,7 @@ def policy_forward_backward(model, batch: PolicyBatch, *, vocab_size: int, tempe
                 for k, v in policy_metrics(out, mb.response_mask, entropy).items()}
         return out.loss_sum, out.denominator, {"tokens": tokens, **sums}
 
-    micro = [(rows, batch.micro(rows)) for rows in groups]
+    micro = [(rows, batch.micro(rows, align)) for rows in groups]
     return run_microbatches(model, [(mb.input_ids, (rows, mb)) for rows, mb in micro], loss,
                             forward_only)
 
@@ -80,5 +80,6 @@ def gather_logprobs(results: list[dict], batch: PolicyBatch) -> torch.Tensor:
     out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
     for r in results:
         for k, row in enumerate(r["rows"]):
-            out[row, : r["logprobs"].shape[1]] = r["logprobs"][k]
+            width = min(r["logprobs"].shape[1], out.shape[1])  # drop alignment padding
+            out[row, :width] = r["logprobs"][k, :width]
     return out

@@ -10,8 +10,8 @@ from megatron_sppo.config import Config
 
 
 class ReferenceModel:
-    def __init__(self, module, arch, offload: bool):
-        self.module, self.arch = module.eval().requires_grad_(False), arch
+    def __init__(self, module, arch, offload: bool, align: int = 1):
+        self.module, self.arch, self.align = module.eval().requires_grad_(False), arch, align
         self.offload = offload and torch.cuda.is_available()
         self.ddp = module  # forward-only schedules need no DDP wrapper
         if self.offload:
@@ -33,7 +33,7 @@ class ReferenceModel:
 
 def build_reference(cfg: Config, checkpoint: str) -> ReferenceModel:
     """Collective: the policy's starting weights at the policy's layout, frozen."""
-    from megatron_sppo.trainer.models import build_module
+    from megatron_sppo.trainer.models import build_module, sequence_align
 
     module, arch = build_module(cfg.policy, checkpoint, frozen=True)
-    return ReferenceModel(module, arch, offload=True)
+    return ReferenceModel(module, arch, offload=True, align=sequence_align(cfg.policy))

@@ -86,7 +86,7 @@ def forward_logprobs(model: TrainedModel, batch: StepBatch, cfg: Config) -> torc
     results = policy_forward_backward(
         model.ddp, _policy_batch(batch, mine, False), vocab_size=model.arch.vocab_size,
         temperature=cfg.rollout.temperature, max_tokens=cfg.trainer.max_tokens_per_microbatch,
-        forward_only=True)
+        forward_only=True, align=model.align)
     return share_rows(_global_rows(results, mine), "logprobs",
                       tuple(batch.tensors.response_mask.shape))
 
@@ -99,15 +99,28 @@ def critic_values(critic: TrainedModel, batch: StepBatch, cfg: Config) -> None:
     if cfg.algorithm.estimator == "sppo":
         cb = CriticBatch(batch.critic_prompt_ids[mine], batch.critic_prompt_lengths[mine])
         results = critic_forward_backward(critic.ddp, cb.micro(list(range(len(mine)))),
-                                          max_tokens=max_tokens, forward_only=True)
+                                          max_tokens=max_tokens, forward_only=True,
+                                          align=critic.align)
         batch.critic_logits = share_rows(_global_rows(results, mine), "logits", (batch.size,))
     else:
         t = batch.tensors
         tb = TokenCriticBatch(t.input_ids[mine], t.lengths[mine], batch.loss_mask[mine])
         results = token_critic_forward_backward(critic.ddp, tb.micro(list(range(len(mine)))),
-                                                max_tokens=max_tokens, forward_only=True)
+                                                max_tokens=max_tokens, forward_only=True,
+                                                align=critic.align)
         batch.values = share_rows(_global_rows(results, mine), "values",
                                   tuple(t.response_mask.shape))
+
+
+def running_mean_baseline(state: dict, batch: StepBatch, momentum: float) -> None:
+    """SPPO's critic ablation: V = the running mean of past batches' success rate (the first
+    batch's own rate at the start), one value for every prompt, written as logits where the
+    sppo estimator reads the critic's; the mean lives in ``state`` (checkpointed)."""
+    rate = batch.correctness.mean().item()
+    mean = state.get("baseline_mean", rate)
+    p = min(max(mean, 1e-3), 1 - 1e-3)
+    batch.critic_logits = torch.full((batch.size,), math.log(p / (1 - p)))
+    state["baseline_mean"] = momentum * mean + (1 - momentum) * rate
 
 
 def set_head_bias(critic: TrainedModel, success_rate: float, batch: StepBatch) -> float:
@@ -178,11 +191,11 @@ def update_critic(critic: TrainedModel, batch: StepBatch, cfg: Config, seed: int
             cb = CriticBatch(batch.critic_prompt_ids[mine], batch.critic_prompt_lengths[mine],
                              batch.correctness[mine])
             return critic_forward_backward(critic.ddp, cb.micro(list(range(len(mine)))),
-                                           max_tokens=max_tokens)
+                                           max_tokens=max_tokens, align=critic.align)
         tb = TokenCriticBatch(t.input_ids[mine], t.lengths[mine], batch.loss_mask[mine],
                               batch.values[mine], batch.returns[mine])
         return token_critic_forward_backward(critic.ddp, tb.micro(list(range(len(mine)))),
-                                             max_tokens=max_tokens,
+                                             max_tokens=max_tokens, align=critic.align,
                                              clip_range=cfg.algorithm.value_clip)
 
     stats = _run_update(critic, run, mini_batches(batch, cfg, seed))
@@ -200,7 +213,8 @@ def update_policy(policy: TrainedModel, batch: StepBatch, cfg: Config, seed: int
         return policy_forward_backward(
             policy.ddp, _policy_batch(batch, mine, True), vocab_size=policy.arch.vocab_size,
             temperature=cfg.rollout.temperature,
-            max_tokens=cfg.trainer.max_tokens_per_microbatch, loss_cfg=loss_cfg)
+            max_tokens=cfg.trainer.max_tokens_per_microbatch, loss_cfg=loss_cfg,
+            align=policy.align)
 
     stats = _run_update(policy, run, mini_batches(batch, cfg, seed))
     keys = ["loss_sum", "denominator", "tokens", *POLICY_STATS]

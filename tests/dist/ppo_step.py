@@ -45,6 +45,8 @@ def main():
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--out", required=True)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--align", type=int, default=1,
+                        help="pad micro-batch widths to a multiple (FP8 / sequence parallel)")
     args = parser.parse_args()
 
     from megatron.core import parallel_state
@@ -68,7 +70,8 @@ def main():
                    parallel_state.get_data_parallel_rank())
     rows = list(range(dp_rank, len(ids), dp))  # this data-parallel rank's share
     batch = PolicyBatch(ids[rows], lengths[rows], mask[rows])
-    kwargs = dict(vocab_size=arch.vocab_size, temperature=TEMPERATURE, max_tokens=args.max_tokens)
+    kwargs = dict(vocab_size=arch.vocab_size, temperature=TEMPERATURE, max_tokens=args.max_tokens,
+                  align=args.align)
     with torch.no_grad():
         old = policy_forward_backward(ddp, batch, forward_only=True, **kwargs)
     last_stage = parallel_state.is_pipeline_last_stage()

@@ -37,7 +37,8 @@ _ALLOWED = {("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"),
             ("torch.multiprocessing.reductions", "rebuild_storage_fd"),
             ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"),
             ("multiprocessing.resource_sharer", "DupFd"),
-            *(("torch", d) for d in ("float32", "bfloat16", "float16", "uint8", "int64"))}
+            *(("torch", d) for d in ("float32", "bfloat16", "float16", "uint8", "int64",
+                                    "float8_e4m3fn"))}
 
 
 class SafeUnpickler(pickle.Unpickler):
