@@ -79,7 +79,9 @@ def test_every_phase_reports_finite_metrics(tp1_run):
     for step, record in m.items():
         for key in REQUIRED:
             assert key in record and math.isfinite(record[key]), (step, key)
-        assert record["logprob_mismatch_mean"] < 1e-4  # engine == trainer log-probs
+        # the local engine's sampler log-probs equal Megatron's (fp32, padded vocab masked)
+        assert record["logprob_mismatch_mean"] <= 1e-5, step
+        assert record["logprob_mismatch_max"] <= 1e-4, step
     assert "eval/pass1_sampled" in m[STEPS] and "eval/critic_pearson" in m[STEPS]
     assert (out / "config.yaml").is_file() and list((out / "tensorboard").iterdir())
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
@@ -98,6 +100,9 @@ def test_tp2_pp2_matches_tp1(tp1_run, tmp_path):
                     "value_mean", "advantage_mean"):
             assert got[step][key] == pytest.approx(reference[step][key], rel=1e-3,
                                                    abs=1e-5), (step, key)
+        # at TP=2 the log-probs come from vocab-parallel logits: still the engine's
+        assert got[step]["logprob_mismatch_mean"] <= 1e-5, step
+        assert got[step]["logprob_mismatch_max"] <= 1e-4, step
 
 
 def test_sigkill_and_resume_reproduces_the_run(tp1_run, tmp_path):

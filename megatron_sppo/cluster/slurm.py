@@ -39,7 +39,7 @@ PLACEMENTS = ("colocated", "disaggregated")
 LAYOUT_KEYS = ("trainer.output_dir", "policy.tensor_model_parallel_size",
                "policy.pipeline_model_parallel_size", "critic.tensor_model_parallel_size",
                "critic.pipeline_model_parallel_size", "rollout.engine", "rollout.sglang.tp_size",
-               "rollout.sglang.replicas", "rollout.sglang.addresses")
+               "rollout.sglang.replicas", "rollout.sglang.addresses", "rollout.sglang.colocated")
 
 # torchrun handles these by stopping its workers with the same signal; SIGUSR1 must be among
 # them, or torchrun dies of it (default action) before the trainer can checkpoint.
@@ -221,7 +221,7 @@ def layout_overrides(job: SlurmJob) -> list[str]:
     if job.placement == "colocated":
         out.append(f"rollout.sglang.replicas={job.servers_per_node}")
     else:
-        out.append("rollout.sglang.addresses=$SGLANG_ADDRESSES")
+        out += ["rollout.sglang.addresses=$SGLANG_ADDRESSES", "rollout.sglang.colocated=false"]
     return out
 
 

@@ -57,6 +57,7 @@ class ModelConfig:
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     optimizer_cpu_offload: bool = False
+    sequence_packing: bool = True  # THD packs on the Transformer Engine path (GPU)
     fp8: FP8Settings = field(default_factory=FP8Settings)
 
     def check(self, prefix: str) -> None:
@@ -109,10 +110,14 @@ class SGLangConfig:
     """SGLang servers for rollouts: launched by the trainer or given by address.
     ``model_path``: the checkpoint the servers load (default: the policy's HF files); a
     block-FP8 copy (``megatron-sppo convert hf-to-block-fp8``) makes rollouts FP8, and the
-    weight sync then quantises the trainer's weights into the same form."""
+    weight sync then quantises the trainer's weights into the same form. ``colocated``: the
+    servers share the trainer's GPUs, so Megatron's gradients and optimizer states leave the
+    GPU while they generate and (with ``enable_memory_saver``) the servers release their
+    memory while Megatron trains; false for servers on their own GPUs."""
 
     addresses: list[str] = field(default_factory=list)
     model_path: str | None = None
+    colocated: bool = True
     python: str = "/opt/sglang-venv/bin/python"
     replicas: int = 1
     tp_size: int = 1

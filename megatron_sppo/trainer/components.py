@@ -20,6 +20,7 @@ from megatron_sppo.errors import UserError
 from megatron_sppo.rewards import Scored
 from megatron_sppo.rollout.engine import Sample, SamplingParams
 from megatron_sppo.trainer.collectives import broadcast_object
+from megatron_sppo.trainer.colocation import Colocation
 from megatron_sppo.trainer.rl_step import StepBatch
 from megatron_sppo.trainer.rollout_batch import pad_prompts, pad_rollouts
 
@@ -48,6 +49,7 @@ class Components:
     engine: object | None = None
     scorer: object | None = None
     eval_records: list | None = None
+    colocation: Colocation | None = None
     state: dict = field(default_factory=dict)
 
     # ---- phases ------------------------------------------------------------------------
@@ -243,5 +245,9 @@ def build_components(cfg: Config) -> Components:
     if dist.get_rank() == 0:
         c.scorer = build_scorer(cfg)
     c.engine = build_engine_for(cfg, policy.hf_dir, out)
+    s = cfg.rollout.sglang
+    c.colocation = Colocation(c.engine, list(c.trainable().values()),
+                              enabled=cfg.rollout.engine == "sglang" and s.colocated,
+                              release_engine=s.enable_memory_saver)
     c.sync_weights(0)
     return c

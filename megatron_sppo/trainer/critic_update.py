@@ -16,6 +16,7 @@ import torch
 
 from megatron_sppo.algorithms import bce_value_loss, clipped_value_loss
 from megatron_sppo.data.batching import select_rows, token_budget_microbatches
+from megatron_sppo.data.packing import SequenceLayout
 from megatron_sppo.models.critic import logits_at
 from megatron_sppo.trainer.schedule import run_microbatches
 
@@ -36,7 +37,8 @@ class CriticBatch:
 
 
 def critic_forward_backward(model, batch: CriticBatch, *, max_tokens: int,
-                            forward_only: bool = False, align: int = 1) -> list[dict]:
+                            forward_only: bool = False,
+                            layout: SequenceLayout = SequenceLayout()) -> list[dict]:
     """forward_only: dicts with ``rows`` and their ``logits`` f(prompt); otherwise the BCE
     update's gradients are accumulated in the DDP buffers (call optimizer.step() after)."""
     groups = token_budget_microbatches(batch.prompt_lengths.tolist(), max_tokens)
@@ -49,9 +51,9 @@ def critic_forward_backward(model, batch: CriticBatch, *, max_tokens: int,
         out = bce_value_loss(logits, mb.correctness)
         return out.loss_sum, out.denominator, {}
 
-    micro = [(rows, batch.micro(rows, align)) for rows in groups]
-    return run_microbatches(model, [(mb.prompt_ids, (rows, mb)) for rows, mb in micro], loss,
-                            forward_only)
+    micro = [(rows, batch.micro(rows, layout.row_multiple)) for rows in groups]
+    return run_microbatches(model, [(mb.prompt_ids, mb.prompt_lengths, (rows, mb))
+                                    for rows, mb in micro], loss, forward_only, layout.pack_align)
 
 
 def gather_critic_logits(results: list[dict], batch_size: int) -> torch.Tensor:
@@ -84,7 +86,8 @@ class TokenCriticBatch:
 
 def token_critic_forward_backward(model, batch: TokenCriticBatch, *, max_tokens: int,
                                   clip_range: float = 0.5,
-                                  forward_only: bool = False, align: int = 1) -> list[dict]:
+                                  forward_only: bool = False,
+                            layout: SequenceLayout = SequenceLayout()) -> list[dict]:
     """forward_only: dicts with ``rows`` and per-token ``values``; otherwise the clipped value
     loss (token-mean over the mini-batch) is back-propagated."""
     groups = token_budget_microbatches(batch.lengths.tolist(), max_tokens)
@@ -97,6 +100,6 @@ def token_critic_forward_backward(model, batch: TokenCriticBatch, *, max_tokens:
         out = clipped_value_loss(values, mb.old_values, mb.returns, mb.response_mask, clip_range)
         return out.loss_sum, out.denominator, {}
 
-    micro = [(rows, batch.micro(rows, align)) for rows in groups]
-    return run_microbatches(model, [(mb.input_ids, (rows, mb)) for rows, mb in micro], loss,
-                            forward_only)
+    micro = [(rows, batch.micro(rows, layout.row_multiple)) for rows in groups]
+    return run_microbatches(model, [(mb.input_ids, mb.lengths, (rows, mb))
+                                    for rows, mb in micro], loss, forward_only, layout.pack_align)

@@ -69,9 +69,12 @@ def run_step(c: Components, cfg: Config, step: int) -> dict:
     with timer("data"):
         records = c.prompts.next_batch(cfg.trainer.prompts_per_step)
     with timer("rollout"):
+        c.colocation.for_rollout()
         rollouts = c.generate(records, seed)
     with timer("reward"):
         scored = c.score(records, rollouts)
+    with timer("rollout"):
+        c.colocation.for_training()
     batch = make_step_batch(c, cfg, records, rollouts, scored)
     metrics = dict(scored.metrics)
 
@@ -100,8 +103,11 @@ def run_step(c: Components, cfg: Config, step: int) -> dict:
     if policy_learns:
         with timer("policy"):
             metrics.update(rl_step.update_policy(c.policy, batch, cfg, seed))
-        with timer("sync"):
+    with timer("sync"):
+        c.colocation.before_sync()
+        if policy_learns:
             c.sync_weights(step)
+        c.colocation.after_sync()
     metrics.update(step_metrics(batch, cfg))
     metrics.update(timer.times)
     generated = float(batch.tensors.response_mask.sum())
@@ -117,7 +123,7 @@ def step_metrics(batch: rl_step.StepBatch, cfg: Config) -> dict:
     mask = batch.tensors.response_mask.bool()
     lengths = mask.sum(-1).float()
     seq_adv = masked_mean(batch.advantages, mask, -1)
-    engine = batch.tensors.engine_logprobs
+    mismatch = (batch.old_logprobs - batch.tensors.engine_logprobs).abs()
     out = {"reward_mean": batch.rewards.mean().item(),
            "accuracy": batch.correctness.mean().item(),
            "advantage_mean": seq_adv.mean().item(),
@@ -125,8 +131,8 @@ def step_metrics(batch: rl_step.StepBatch, cfg: Config) -> dict:
            "response_length_mean": lengths.mean().item(),
            "response_length_max": lengths.max().item(),
            "truncated_fraction": batch.truncated.float().mean().item(),
-           "logprob_mismatch_mean": masked_mean((batch.old_logprobs - engine).abs(),
-                                                mask).item()}
+           "logprob_mismatch_mean": masked_mean(mismatch, mask).item(),
+           "logprob_mismatch_max": mismatch[mask].max().item() if mask.any() else 0.0}
     if batch.critic_logits is not None:
         calib = critic_calibration(torch.sigmoid(batch.critic_logits), batch.correctness)
         out["value_mean"] = torch.sigmoid(batch.critic_logits).mean().item()

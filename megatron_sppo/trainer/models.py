@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from megatron_sppo.config import ModelConfig
+from megatron_sppo.data.packing import SequenceLayout
 from megatron_sppo.errors import UserError
 from megatron_sppo.models.hf_config import ModelArch
 
@@ -29,7 +30,7 @@ class TrainedModel:
     optimizer: object
     scheduler: object
     hf_dir: Path
-    align: int = 1  # micro-batch widths are padded to a multiple of this (sequence_align)
+    layout: SequenceLayout = SequenceLayout()  # padded rows or THD packs (sequence_layout)
 
     def zero_grad(self) -> None:
         self.ddp.zero_grad_buffer()
@@ -66,13 +67,16 @@ def transformer_overrides(cfg: ModelConfig, num_layers: int, prefix: str = "poli
     return overrides
 
 
-def sequence_align(cfg: ModelConfig) -> int:
-    """What every micro-batch's sequence width is padded to a multiple of: FP8 GEMM token
-    alignment and the TP split of sequence parallelism."""
+def sequence_layout(cfg: ModelConfig) -> SequenceLayout:
+    """How micro-batches reach the model: THD packs on the Transformer Engine path (unless
+    ``sequence_packing`` is off), padded rows otherwise; either way sequences are aligned to
+    FP8's token multiple and to the TP split of sequence parallelism."""
+    from megatron_sppo.models.builder import use_transformer_engine
     from megatron_sppo.quant.fp8_train import sequence_multiple
 
-    return sequence_multiple(cfg.fp8.recipe if cfg.fp8.format else None,
-                             cfg.tensor_model_parallel_size, cfg.sequence_parallel)
+    align = sequence_multiple(cfg.fp8.recipe if cfg.fp8.format else None,
+                              cfg.tensor_model_parallel_size, cfg.sequence_parallel)
+    return SequenceLayout(align, packed=cfg.sequence_packing and use_transformer_engine())
 
 
 def checkpoint_source(path: str) -> tuple[Path, Path | None]:
@@ -121,7 +125,7 @@ def build_trained_model(kind: str, cfg: ModelConfig, checkpoint: str,
         lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
         wd_incr_steps=max(total_steps, 1), wd_incr_style="constant")
     return TrainedModel(kind, arch, config, module, ddp, optimizer, scheduler, hf_dir,
-                        sequence_align(cfg))
+                        sequence_layout(cfg))
 
 
 def build_module(cfg: ModelConfig, checkpoint: str, *, critic: bool = False,

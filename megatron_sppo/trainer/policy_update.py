@@ -14,6 +14,7 @@ import torch
 
 from megatron_sppo.algorithms import PolicyLossConfig, policy_loss, policy_metrics
 from megatron_sppo.data.batching import select_rows, token_budget_microbatches
+from megatron_sppo.data.packing import SequenceLayout
 from megatron_sppo.models.logprobs import token_logprobs_and_entropy
 from megatron_sppo.trainer.schedule import run_microbatches
 
@@ -42,7 +43,8 @@ class PolicyBatch:
 
 def policy_forward_backward(model, batch: PolicyBatch, *, vocab_size: int, temperature: float,
                             max_tokens: int, loss_cfg: PolicyLossConfig | None = None,
-                            forward_only: bool = False, align: int = 1) -> list[dict]:
+                            forward_only: bool = False,
+                            layout: SequenceLayout = SequenceLayout()) -> list[dict]:
     """Run the mini-batch; returns one dict per micro-batch (on the last pipeline stage).
 
     forward_only: no loss or gradients; each dict holds ``rows`` and their ``logprobs``
@@ -70,9 +72,9 @@ def policy_forward_backward(model, batch: PolicyBatch, *, vocab_size: int, tempe
                 for k, v in policy_metrics(out, mb.response_mask, entropy).items()}
         return out.loss_sum, out.denominator, {"tokens": tokens, **sums}
 
-    micro = [(rows, batch.micro(rows, align)) for rows in groups]
-    return run_microbatches(model, [(mb.input_ids, (rows, mb)) for rows, mb in micro], loss,
-                            forward_only)
+    micro = [(rows, batch.micro(rows, layout.row_multiple)) for rows in groups]
+    return run_microbatches(model, [(mb.input_ids, mb.lengths, (rows, mb))
+                                    for rows, mb in micro], loss, forward_only, layout.pack_align)
 
 
 def gather_logprobs(results: list[dict], batch: PolicyBatch) -> torch.Tensor:

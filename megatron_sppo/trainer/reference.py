@@ -7,11 +7,12 @@ from __future__ import annotations
 import torch
 
 from megatron_sppo.config import Config
+from megatron_sppo.data.packing import SequenceLayout
 
 
 class ReferenceModel:
-    def __init__(self, module, arch, offload: bool, align: int = 1):
-        self.module, self.arch, self.align = module.eval().requires_grad_(False), arch, align
+    def __init__(self, module, arch, offload: bool, layout: SequenceLayout = SequenceLayout()):
+        self.module, self.arch, self.layout = module.eval().requires_grad_(False), arch, layout
         self.offload = offload and torch.cuda.is_available()
         self.ddp = module  # forward-only schedules need no DDP wrapper
         if self.offload:
@@ -33,7 +34,7 @@ class ReferenceModel:
 
 def build_reference(cfg: Config, checkpoint: str) -> ReferenceModel:
     """Collective: the policy's starting weights at the policy's layout, frozen."""
-    from megatron_sppo.trainer.models import build_module, sequence_align
+    from megatron_sppo.trainer.models import build_module, sequence_layout
 
     module, arch = build_module(cfg.policy, checkpoint, frozen=True)
-    return ReferenceModel(module, arch, offload=True, align=sequence_align(cfg.policy))
+    return ReferenceModel(module, arch, offload=True, layout=sequence_layout(cfg.policy))

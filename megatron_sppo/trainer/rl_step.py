@@ -86,7 +86,7 @@ def forward_logprobs(model: TrainedModel, batch: StepBatch, cfg: Config) -> torc
     results = policy_forward_backward(
         model.ddp, _policy_batch(batch, mine, False), vocab_size=model.arch.vocab_size,
         temperature=cfg.rollout.temperature, max_tokens=cfg.trainer.max_tokens_per_microbatch,
-        forward_only=True, align=model.align)
+        forward_only=True, layout=model.layout)
     return share_rows(_global_rows(results, mine), "logprobs",
                       tuple(batch.tensors.response_mask.shape))
 
@@ -100,14 +100,14 @@ def critic_values(critic: TrainedModel, batch: StepBatch, cfg: Config) -> None:
         cb = CriticBatch(batch.critic_prompt_ids[mine], batch.critic_prompt_lengths[mine])
         results = critic_forward_backward(critic.ddp, cb.micro(list(range(len(mine)))),
                                           max_tokens=max_tokens, forward_only=True,
-                                          align=critic.align)
+                                          layout=critic.layout)
         batch.critic_logits = share_rows(_global_rows(results, mine), "logits", (batch.size,))
     else:
         t = batch.tensors
         tb = TokenCriticBatch(t.input_ids[mine], t.lengths[mine], batch.loss_mask[mine])
         results = token_critic_forward_backward(critic.ddp, tb.micro(list(range(len(mine)))),
                                                 max_tokens=max_tokens, forward_only=True,
-                                                align=critic.align)
+                                                layout=critic.layout)
         batch.values = share_rows(_global_rows(results, mine), "values",
                                   tuple(t.response_mask.shape))
 
@@ -191,11 +191,11 @@ def update_critic(critic: TrainedModel, batch: StepBatch, cfg: Config, seed: int
             cb = CriticBatch(batch.critic_prompt_ids[mine], batch.critic_prompt_lengths[mine],
                              batch.correctness[mine])
             return critic_forward_backward(critic.ddp, cb.micro(list(range(len(mine)))),
-                                           max_tokens=max_tokens, align=critic.align)
+                                           max_tokens=max_tokens, layout=critic.layout)
         tb = TokenCriticBatch(t.input_ids[mine], t.lengths[mine], batch.loss_mask[mine],
                               batch.values[mine], batch.returns[mine])
         return token_critic_forward_backward(critic.ddp, tb.micro(list(range(len(mine)))),
-                                             max_tokens=max_tokens, align=critic.align,
+                                             max_tokens=max_tokens, layout=critic.layout,
                                              clip_range=cfg.algorithm.value_clip)
 
     stats = _run_update(critic, run, mini_batches(batch, cfg, seed))
@@ -214,7 +214,7 @@ def update_policy(policy: TrainedModel, batch: StepBatch, cfg: Config, seed: int
             policy.ddp, _policy_batch(batch, mine, True), vocab_size=policy.arch.vocab_size,
             temperature=cfg.rollout.temperature,
             max_tokens=cfg.trainer.max_tokens_per_microbatch, loss_cfg=loss_cfg,
-            align=policy.align)
+            layout=policy.layout)
 
     stats = _run_update(policy, run, mini_batches(batch, cfg, seed))
     keys = ["loss_sum", "denominator", "tokens", *POLICY_STATS]

@@ -16,21 +16,34 @@ from typing import Any, Callable
 import torch
 
 
-def run_microbatches(model, micro_batches: list[tuple[torch.Tensor, Any]],
+def run_microbatches(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor, Any]],
                      loss: Callable[[torch.Tensor, Any], tuple],
-                     forward_only: bool = False) -> list[dict]:
-    """micro_batches: (input_ids [b, s], mb) pairs; loss(model output, mb) ->
-    (loss_sum, denominator, stats). Returns the stats dicts (on the last pipeline stage;
-    empty elsewhere).
+                     forward_only: bool = False, pack_align: int | None = None) -> list[dict]:
+    """micro_batches: (input_ids [b, s] right-padded, lengths [b], mb) triples;
+    loss(model output [b, s, ...], mb) -> (loss_sum, denominator, stats). ``pack_align``: run
+    each micro-batch as one THD pack (Transformer Engine), sequences padded to that multiple;
+    the output is unpacked to [b, s, ...] before the loss. Returns the stats dicts (on the last
+    pipeline stage; empty elsewhere).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_sppo.data.packing import pack, packed_seq_params, plan_packing, unpack
     from megatron_sppo.models.inputs import causal_inputs
 
     def step(data_iterator, model_chunk):
-        ids, mb = next(data_iterator)
+        ids, lengths, mb = next(data_iterator)
+        if pack_align is None:
+            output, restore = model_chunk(ids, *causal_inputs(ids)), None
+        else:
+            plan = plan_packing(lengths.tolist(), pack_align)
+            positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+            output = model_chunk(pack(ids, plan), pack(positions, plan), None,
+                                 packed_seq_params=packed_seq_params(plan, ids.device))
+            restore = (plan, ids.shape[1])
 
         def loss_func(output):
+            if restore is not None:
+                output = unpack(output, *restore)
             loss_sum, denominator, stats = loss(output, mb)
             if forward_only:
                 return loss_sum.detach() * 0.0, stats
@@ -39,10 +52,10 @@ def run_microbatches(model, micro_batches: list[tuple[torch.Tensor, Any]],
                      "denominator": torch.as_tensor(denominator).detach().clone(), **stats}
             return loss_sum, torch.as_tensor(denominator).to(torch.int), stats
 
-        return model_chunk(ids, *causal_inputs(ids)), loss_func
+        return output, loss_func
 
     return get_forward_backward_func()(
         forward_step_func=step, data_iterator=iter(micro_batches), model=[model],
         num_microbatches=len(micro_batches),
-        seq_length=max(ids.shape[1] for ids, _ in micro_batches), micro_batch_size=1,
+        seq_length=max(ids.shape[1] for ids, _, _ in micro_batches), micro_batch_size=1,
         forward_only=forward_only)

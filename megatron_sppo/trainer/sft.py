@@ -73,7 +73,7 @@ def sft_step(model, pairs: list[tuple[list[int], list[int]]], max_tokens: int) -
     for rows in groups:
         width = int(t.lengths[rows].max())
         ids = t.input_ids[rows, :width]
-        micro.append((ids, (ids, t.response_mask[rows, :width - 1])))
+        micro.append((ids, t.lengths[rows], (ids, t.response_mask[rows, :width - 1])))
     model.zero_grad()
     results = run_microbatches(model.ddp, micro, loss)
     model.step()

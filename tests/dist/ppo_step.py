@@ -16,6 +16,7 @@ from megatron_sppo.checkpoint.convert import model_from_hf
 from megatron_sppo.checkpoint.megatron_io import save_model_checkpoint
 from megatron_sppo.runtime import init_distributed
 from megatron_sppo.trainer.policy_update import PolicyBatch, gather_logprobs
+from megatron_sppo.data.packing import SequenceLayout
 from megatron_sppo.trainer.policy_update import policy_forward_backward
 
 TEMPERATURE = 0.8
@@ -71,7 +72,7 @@ def main():
     rows = list(range(dp_rank, len(ids), dp))  # this data-parallel rank's share
     batch = PolicyBatch(ids[rows], lengths[rows], mask[rows])
     kwargs = dict(vocab_size=arch.vocab_size, temperature=TEMPERATURE, max_tokens=args.max_tokens,
-                  align=args.align)
+                  layout=SequenceLayout(align=args.align))
     with torch.no_grad():
         old = policy_forward_backward(ddp, batch, forward_only=True, **kwargs)
     last_stage = parallel_state.is_pipeline_last_stage()
