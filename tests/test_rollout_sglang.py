@@ -285,3 +285,43 @@ def test_fp8_block_payload_is_quantised_before_the_push(fakes):
     engine.shutdown()
     with pytest.raises(UserError, match="payload='int4'"):
         SGLangEngine([SGLangServer.attach(fake.url)], sync="tensor", payload="int4", **FAST)
+
+
+def test_requests_match_the_pinned_sglang_definitions(fakes):
+    """Every request the engine sends (generate in both n modes, tensor weight sync, memory,
+    abort) against SGLang's own route and request definitions, extracted from the pinned
+    wheel by tools/extract_sglang_protocol.py; the pin is the Dockerfile's."""
+    import dataclasses
+    import re
+
+    fixture = json.loads((REPO / "tests" / "fixtures" / "sglang_protocol.json").read_text())
+    pinned = re.search(r"ARG SGLANG_VERSION=(\S+)", (REPO / "Dockerfile").read_text()).group(1)
+    assert fixture["sglang_version"] == pinned, "re-run tools/extract_sglang_protocol.py"
+
+    fake = fakes()
+    params = SamplingParams(max_new_tokens=3, n=2, temperature=0.7, top_p=0.9, top_k=5,
+                            stop=("x",), stop_token_ids=(3,), seed=1)
+    _client(fake, n_mode="parallel").generate(PROMPTS[:2], dataclasses.replace(params, seed=None))
+    _client(fake).generate(PROMPTS[:2], params)
+    engine = SGLangEngine([SGLangServer.attach(fake.url)], sync="tensor", bucket_bytes=64, **FAST)
+    engine.update_weights(_weights().items(), version=2)
+    engine.release_memory()
+    engine.resume_memory(["weights"])
+    engine.client.live[0].abort_all()
+    engine.shutdown()
+
+    paths = set()
+    for method, path, body in fake.requests:
+        route = fixture["routes"].get(path)
+        assert route is not None and method in route["methods"], (method, path)
+        paths.add(path)
+        if route["request"] and body:
+            fields = fixture["requests"][route["request"]]
+            assert set(body) <= set(fields), (path, set(body) - set(fields))
+        if path == "/generate":
+            sampling = body["sampling_params"]
+            for one in sampling if isinstance(sampling, list) else [sampling]:
+                assert set(one) <= set(fixture["sampling_params"]), set(one)
+    assert {"/generate", "/update_weights_from_tensor", "/begin_weight_update",
+            "/end_weight_update", "/pause_generation", "/continue_generation", "/flush_cache",
+            "/release_memory_occupation", "/resume_memory_occupation", "/abort_request"} <= paths

@@ -92,6 +92,7 @@ class FakeSGLang:
         self.abort = threading.Event()
         self.session_open = False
         self.log: list[str] = []  # control endpoints in call order
+        self.requests: list[tuple[str, str, dict]] = []  # (method, path, JSON body) received
         self.paused = False
         self.released: set[str] = set()
         self.groups: dict[str, object] = {}
@@ -284,6 +285,7 @@ class FakeSGLang:
                 self.wfile.write(raw)
 
             def _route(self, body):
+                fake.requests.append((self.command, self.path.split("?")[0], body))
                 path = self.path.split("?")[0].strip("/")
                 if path in ("health", "health_generate"):
                     return (200, "") if fake.behaviour["healthy"] else (503, "")
