@@ -325,3 +325,17 @@ def test_requests_match_the_pinned_sglang_definitions(fakes):
     assert {"/generate", "/update_weights_from_tensor", "/begin_weight_update",
             "/end_weight_update", "/pause_generation", "/continue_generation", "/flush_cache",
             "/release_memory_occupation", "/resume_memory_occupation", "/abort_request"} <= paths
+
+
+def test_weight_broadcast_master_address():
+    """Servers given by address (their own nodes) reach rank 0 by its host name; servers the
+    trainer launched are local; an explicit address wins."""
+    from megatron_sppo.config import load_config
+    from megatron_sppo.trainer.components import sync_master_address
+
+    base = ["policy.checkpoint=hf", "rollout.engine=sglang"]
+    assert sync_master_address(load_config(overrides=base)) == "127.0.0.1"
+    remote = [*base, "rollout.sglang.addresses=http://node7:30000"]
+    assert sync_master_address(load_config(overrides=remote)) == socket.getfqdn()
+    explicit = [*remote, "rollout.sglang.sync_master_address=10.0.0.5"]
+    assert sync_master_address(load_config(overrides=explicit)) == "10.0.0.5"

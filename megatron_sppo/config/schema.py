@@ -113,7 +113,10 @@ class SGLangConfig:
     weight sync then quantises the trainer's weights into the same form. ``colocated``: the
     servers share the trainer's GPUs, so Megatron's gradients and optimizer states leave the
     GPU while they generate and (with ``enable_memory_saver``) the servers release their
-    memory while Megatron trains; false for servers on their own GPUs."""
+    memory while Megatron trains; false for servers on their own GPUs.
+    ``sync_master_address``/``sync_master_port``: where the servers reach this trainer's rank
+    0 for the NCCL weight broadcast (default: this host's name when the servers are given by
+    address, 127.0.0.1 for servers the trainer launches itself)."""
 
     addresses: list[str] = field(default_factory=list)
     model_path: str | None = None
@@ -130,6 +133,8 @@ class SGLangConfig:
     startup_timeout_s: float = 600.0
     request_timeout_s: float = 3600.0
     bucket_mb: int = 512
+    sync_master_address: str | None = None
+    sync_master_port: int = 29700
 
 
 @dataclass

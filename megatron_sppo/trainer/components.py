@@ -179,7 +179,18 @@ def build_engine_for(cfg: Config, hf_dir: Path, output_dir: Path):
         dtype=s.dtype, quantization=s.quantization, startup_timeout_s=s.startup_timeout_s,
         request_timeout_s=s.request_timeout_s, bucket_mb=s.bucket_mb,
         log_dir=str(output_dir / "sglang_logs"),
-        payload=sglang_payload(cfg, hf_dir, model_path))
+        payload=sglang_payload(cfg, hf_dir, model_path),
+        master_address=sync_master_address(cfg), master_port=s.sync_master_port)
+
+
+def sync_master_address(cfg: Config) -> str:
+    """Rank 0's address for the weight broadcast as the SGLang servers see it."""
+    import socket
+
+    s = cfg.rollout.sglang
+    if s.sync_master_address:
+        return s.sync_master_address
+    return socket.getfqdn() if s.addresses else "127.0.0.1"
 
 
 def sglang_payload(cfg: Config, hf_dir: Path, model_path: Path) -> str:
