@@ -40,14 +40,14 @@ def train_run(config: Path, out: Path, overrides: list[str]) -> list[dict]:
 
 
 def eval_points(rows: list[dict]) -> list[dict]:
-    """Rows that carry held-out evaluation, with the cumulative training seconds and
-    generated tokens up to that step."""
-    points, seconds, tokens = [], 0.0, 0.0
+    """Rows that carry held-out evaluation, with the trainer's cumulative training seconds
+    and the generated tokens up to that step."""
+    points, tokens = [], 0.0
     for r in rows:
-        seconds += sum(v for k, v in r.items() if k.startswith("time_") and v is not None)
         tokens += r.get("generated_tokens") or 0.0
         if "eval/pass1_sampled" in r:
-            points.append({"step": r["step"], "seconds": seconds, "tokens": tokens,
+            points.append({"step": r["step"], "seconds": r.get("train_seconds", 0.0),
+                           "tokens": tokens,
                            **{k[5:]: v for k, v in r.items() if k.startswith("eval/")}})
     return points
 
@@ -72,11 +72,14 @@ def summarize(sppo: list[dict], control: list[dict]) -> dict:
         "steps": after["step"],
         "train_reward_first10": _mean([r["reward_mean"] for r in sppo if r["step"] > 0][:10]),
         "train_reward_last10": _mean([r["reward_mean"] for r in sppo if r["step"] > 0][-10:]),
-        "curve": [{k: p[k] for k in ("step", "seconds", "tokens", "pass1_sampled",
-                                     "pass1_greedy")} for p in points],
-        "control_curve": [{k: p[k] for k in ("step", "seconds", "tokens", "pass1_sampled",
-                                             "pass1_greedy")} for p in ctrl],
+        "curve": _curve(points),
+        "control_curve": _curve(ctrl),
     }
+
+
+def _curve(points: list[dict]) -> list[dict]:
+    return [{k: p[k] for k in ("step", "seconds", "tokens", "pass1_sampled", "pass1_greedy")}
+            for p in points]
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -112,22 +112,26 @@ def critic_values(critic: TrainedModel, batch: StepBatch, cfg: Config) -> None:
                                   tuple(t.response_mask.shape))
 
 
+def clamped_logit(p: float, eps: float) -> float:
+    """logit(p) with p clamped to [eps, 1 - eps], so a batch all right or all wrong stays finite."""
+    p = min(max(p, eps), 1 - eps)
+    return math.log(p / (1 - p))
+
+
 def running_mean_baseline(state: dict, batch: StepBatch, momentum: float) -> None:
     """SPPO's critic ablation: V = the running mean of past batches' success rate (the first
     batch's own rate at the start), one value for every prompt, written as logits where the
     sppo estimator reads the critic's; the mean lives in ``state`` (checkpointed)."""
     rate = batch.correctness.mean().item()
     mean = state.get("baseline_mean", rate)
-    p = min(max(mean, 1e-3), 1 - 1e-3)
-    batch.critic_logits = torch.full((batch.size,), math.log(p / (1 - p)))
+    batch.critic_logits = torch.full((batch.size,), clamped_logit(mean, 1e-3))
     state["baseline_mean"] = momentum * mean + (1 - momentum) * rate
 
 
 def set_head_bias(critic: TrainedModel, success_rate: float, batch: StepBatch) -> float:
     """Set the scalar head's bias to logit(success rate) (clamped to [0.02, 0.98]) and shift
     the already computed logits by the same amount; returns the new bias."""
-    p = min(max(success_rate, 0.02), 0.98)
-    bias = math.log(p / (1 - p))
+    bias = clamped_logit(success_rate, 0.02)
     head = getattr(critic.module, "output_layer", None)
     shift = 0.0
     if head is not None and hasattr(head, "bias"):  # last pipeline stage holds the head
