@@ -339,3 +339,26 @@ def test_weight_broadcast_master_address():
     assert sync_master_address(load_config(overrides=remote)) == socket.getfqdn()
     explicit = [*remote, "rollout.sglang.sync_master_address=10.0.0.5"]
     assert sync_master_address(load_config(overrides=explicit)) == "10.0.0.5"
+
+
+def test_protocol_extraction_reads_routes_and_inherited_fields():
+    """tools/extract_sglang_protocol.py on a hand-written source in SGLang's style."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "extract", REPO / "tools" / "extract_sglang_protocol.py")
+    extract = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(extract)
+    io_struct = ast.parse(
+        "class BaseReq(msgspec.Struct):\n    rid: Optional[str] = None\n"
+        "class FooReqInput(BaseReq, kw_only=True):\n    tags: list = None\n    n: int\n")
+    assert extract.class_fields(io_struct)["FooReqInput"] == {"rid": "None", "tags": "None",
+                                                               "n": None}
+    server = ast.parse(
+        "@app.api_route('/foo', methods=['GET', 'POST'])\n"
+        "async def foo(obj: Annotated[FooReqInput, Body()], request: Request): ...\n"
+        "@app.get('/health')\nasync def health(): ...\n")
+    assert extract.routes(server) == {"/foo": {"methods": ["GET", "POST"],
+                                               "request": "FooReqInput"},
+                                      "/health": {"methods": ["GET"], "request": None}}
