@@ -6,7 +6,6 @@ block quantiser as an independent implementation."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import math
 
 import pytest

@@ -4,10 +4,9 @@ across TP/PP."""
 
 from __future__ import annotations
 
-import sys
 
 import pytest
-from helpers import REPO, torchrun
+from helpers import torchrun
 
 TOL = 1e-4
 

@@ -1,7 +1,9 @@
 """The trainer's Megatron step functions (critic values with the head bias set from the first
 batch, old log-probs, SPPO advantages, the critic's BCE step and the policy's PPO steps over
 2 mini-batches x 2 epochs) give the same losses, grad norms and weights at TP=2, PP=2 and DP=2
-as in one process; a training checkpoint reloads models, optimizers and schedulers exactly."""
+as in one process, the critic at another layout than the policy on the same ranks (its own
+process groups) or at the same; a training checkpoint reloads models, optimizers and
+schedulers exactly."""
 
 from __future__ import annotations
 
@@ -10,7 +12,15 @@ import math
 import pytest
 from helpers import torchrun
 
-LAYOUTS = {"tp2": ("--tp", "2"), "pp2": ("--pp", "2"), "dp2": ("--max-tokens", "64")}
+# policy layout x critic layout on two ranks; where they differ the critic runs on process
+# groups of its own (policy TP=2 beside critic TP=1 x DP=2 is the paper's 7B + 1.5B shape)
+LAYOUTS = {"tp2_critic_pp2": ("--tp", "2", "--critic-tp", "1", "--critic-pp", "2"),
+           "pp2_critic_tp2": ("--pp", "2", "--critic-tp", "2", "--critic-pp", "1"),
+           "tp2_critic_tp1": ("--tp", "2", "--critic-tp", "1"),
+           "dp2": ("--max-tokens", "64")}
+# [tp, pp, dp] of policy and critic
+EXPECTED = {"tp2_critic_pp2": ([2, 1, 1], [1, 2, 1]), "pp2_critic_tp2": ([1, 2, 1], [2, 1, 1]),
+            "tp2_critic_tp1": ([2, 1, 1], [1, 1, 2]), "dp2": ([1, 1, 2], [1, 1, 2])}
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +54,7 @@ def test_layouts_agree(zoo, single, tmp_path, layout):
                        *LAYOUTS[layout])
     assert results
     for r in results:
+        assert (r["policy_layout"], r["critic_layout"]) == EXPECTED[layout]
         for key in ("critic_loss", "critic_grad_norm", "policy_loss", "grad_norm",
                     "clip_fraction", "entropy"):
             assert r[key] == pytest.approx(single[key], rel=1e-5), key

@@ -1,5 +1,6 @@
 """`megatron-sppo train` end to end on CPU: every phase of a step at TP=1 and at TP=2 x PP=2
-(torchrun + gloo) with the same metrics, a run killed with SIGKILL and resumed from its last
+(torchrun + gloo, the critic at its own TP=1 x PP=2 x DP=2 on the same ranks) with the same
+metrics, a run killed with SIGKILL and resumed from its last
 checkpoint reproducing the uninterrupted run's metrics exactly, and config errors reported
 in one line before any model is built."""
 
@@ -89,10 +90,12 @@ def test_every_phase_reports_finite_metrics(tp1_run):
 
 
 def test_tp2_pp2_matches_tp1(tp1_run, tmp_path):
+    """Policy TP=2 x PP=2; the critic on the same 4 ranks at a layout of its own (TP=1 x
+    PP=2 x DP=2, its own process groups)."""
     config, _, reference = tp1_run
     out = tmp_path / "tp2pp2"
-    layout = [f"{m}.{k}=2" for m in ("policy", "critic")
-              for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size")]
+    layout = ["policy.tensor_model_parallel_size=2", "policy.pipeline_model_parallel_size=2",
+              "critic.tensor_model_parallel_size=1", "critic.pipeline_model_parallel_size=2"]
     run(train_cmd(config, out, *layout, nproc=4), timeout=900)
     got = metrics(out)
     for step in range(1, STEPS + 1):

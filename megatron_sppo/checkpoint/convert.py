@@ -69,10 +69,10 @@ def load_hf_weights(model, reader: HFCheckpointReader, arch: ModelArch, progress
 
     ``include_head=False`` leaves ``output_layer`` alone (a critic's new scalar head).
     """
-    from megatron.core import parallel_state
+    from megatron_sppo.runtime.groups import model_groups
 
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
+    groups = model_groups(model)
+    tp, rank = groups.tp_size, groups.tp_rank
     offset = layer_offset(model)
     mappings = {m.megatron: m for m in param_mappings(arch)}
     with torch.no_grad():

@@ -117,15 +117,18 @@ def save_model_checkpoint(model, root: str | Path, iteration: int, arch: ModelAr
     ``release_model=True`` (conversion) frees parameters as the writer takes them over, so
     saving needs no second copy of the model; the model must not be used afterwards.
     """
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import dist_checkpointing
 
+    from megatron_sppo.runtime.groups import model_groups
+
+    groups = model_groups(model)
     final = iteration_dir(root, iteration)
     partial = final.with_name(final.name + ".partial")
     if _rank0():
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     _barrier()
-    state = {"model": model.sharded_state_dict(), "iteration": iteration,
+    state = {"model": groups.sharded_state_dict(model), "iteration": iteration,
              "checkpoint_version": CHECKPOINT_VERSION, **(extra_common or {})}
     if release_model:
         _hand_views_to_writer(state)
@@ -136,8 +139,7 @@ def save_model_checkpoint(model, root: str | Path, iteration: int, arch: ModelAr
         head = getattr(model, "output_layer", None)
         meta = {"format": "megatron_sppo/1", "arch": arch.to_json(), "iteration": iteration,
                 "model": "critic" if isinstance(head, ScalarHead) else "policy",
-                "saved_tp": parallel_state.get_tensor_model_parallel_world_size(),
-                "saved_pp": parallel_state.get_pipeline_model_parallel_world_size()}
+                "saved_tp": groups.tp_size, "saved_pp": groups.pp_size}
         (partial / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         copy_non_weight_files(hf_dir, partial / HF_CONFIG_DIR)
         shutil.rmtree(final, ignore_errors=True)
@@ -159,7 +161,9 @@ def load_model_checkpoint(model, iter_dir: str | Path, skip_prefix: str | None =
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import apply_factories
 
-    state = model.sharded_state_dict()
+    from megatron_sppo.runtime.groups import model_groups
+
+    state = model_groups(model).sharded_state_dict(model)
     if skip_prefix:
         state = {k: v for k, v in state.items() if not k.startswith(skip_prefix)}
     sharded = {"model": state}

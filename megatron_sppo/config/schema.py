@@ -89,7 +89,9 @@ class ModelConfig:
 @dataclass
 class CriticConfig(ModelConfig):
     """The SPPO prompt-only critic (or the token-level critic of ``gae``). ``checkpoint`` None
-    means: start from the policy's checkpoint. head_bias_init: ``zero`` (the paper: V = 0.5 at
+    means: start from the policy's checkpoint. It runs on the policy's ranks with a layout of
+    its own: its tensor/pipeline sizes may differ from the policy's (a 1.5B critic at TP=1
+    beside a 7B policy at TP=2), and its data-parallel size is the launched ranks / (tp*pp). head_bias_init: ``zero`` (the paper: V = 0.5 at
     the start) or ``first_batch`` (bias = logit of the first batch's success rate).
     warmup_steps: critic-only steps before the policy starts learning (the paper uses 50 for
     token-level PPO, 0 for SPPO)."""
@@ -292,7 +294,7 @@ class Config:
 
     def check(self, world_size: int | None = None) -> None:
         """Every check that needs no model: choices, ranges, the estimator with n, layouts."""
-        from megatron_sppo.algorithms import PolicyLossConfig, check_estimator
+        from megatron_sppo.algorithms import check_estimator
 
         self.policy.check("policy")
         self.critic.check("critic")
@@ -307,6 +309,14 @@ class Config:
         if self.policy.checkpoint is None:
             raise UserError("config key policy.checkpoint is not set: give an HF or Megatron "
                             "checkpoint directory (or builtin:tiny-arithmetic)")
+        layouts = [(m.tensor_model_parallel_size, m.pipeline_model_parallel_size)
+                   for m in (self.policy, self.critic)]
+        if self.algorithm.needs_critic and self.critic.fp8.format and layouts[0] != layouts[1]:
+            # megatron-core reduces FP8 amax histories over its global (the policy's) groups
+            raise UserError("config key critic.fp8.format needs the critic at the policy's "
+                            "tensor/pipeline sizes: megatron-core's FP8 amax reduction uses the "
+                            "global groups; set critic.tensor_model_parallel_size/"
+                            "pipeline_model_parallel_size to the policy's or turn critic FP8 off")
         try:
             self.loss_config()
             with warnings.catch_warnings(record=True) as caught:
@@ -342,15 +352,6 @@ class Config:
                         f"{name} data-parallel size {dp} does not divide the mini-batch of "
                         f"{mini * self.rollout.n} sequences: change trainer.mini_batch_size "
                         "or the number of ranks")
-            if self.algorithm.needs_critic and (
-                    (self.critic.tensor_model_parallel_size,
-                     self.critic.pipeline_model_parallel_size)
-                    != (self.policy.tensor_model_parallel_size,
-                        self.policy.pipeline_model_parallel_size)):
-                raise UserError(
-                    "critic.tensor_model_parallel_size/pipeline_model_parallel_size differ from "
-                    "the policy's: this version runs the critic on the policy's ranks and "
-                    "layout; set them equal to the policy's")
 
     def loss_config(self):
         from megatron_sppo.algorithms import PolicyLossConfig

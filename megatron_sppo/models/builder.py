@@ -80,15 +80,18 @@ def layer_spec(arch: ModelArch, use_te: bool | None = None):
 
 def build_gpt_model(arch: ModelArch, config, *, pre_process: bool | None = None,
                     post_process: bool | None = None, parallel_output: bool = True,
-                    use_te: bool | None = None):
-    """The policy's megatron-core GPTModel for this rank's pipeline stage."""
-    from megatron.core import parallel_state
+                    use_te: bool | None = None, groups=None):
+    """The policy's megatron-core GPTModel for this rank's pipeline stage, on ``groups``
+    (:class:`megatron_sppo.runtime.groups.ModelGroups`; default: megatron's global groups)."""
     from megatron.core.models.gpt import GPTModel
 
+    from megatron_sppo.runtime.groups import global_groups
+
+    groups = groups or global_groups()
     if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage()
+        pre_process = groups.is_first_stage
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage()
+        post_process = groups.is_last_stage
     rotary_base = arch.rope_theta
     return GPTModel(
         config=config,
@@ -103,4 +106,5 @@ def build_gpt_model(arch: ModelArch, config, *, pre_process: bool | None = None,
         rotary_base=int(rotary_base) if float(rotary_base).is_integer() else rotary_base,
         rope_scaling=arch.rope_scaling_factor is not None,
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+        pg_collection=groups.pg,
     )

@@ -26,9 +26,9 @@ class ScalarHead(torch.nn.Module):
     scalar outputs (not the hidden states) are gathered.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, tp_group=None):
         super().__init__()
-        self.sequence_parallel = config.sequence_parallel
+        self.sequence_parallel, self.tp_group = config.sequence_parallel, tp_group
         self.weight = torch.nn.Parameter(torch.zeros(1, config.hidden_size,
                                                      dtype=config.params_dtype))
         self.bias = torch.nn.Parameter(torch.zeros(1, dtype=config.params_dtype))
@@ -40,7 +40,8 @@ class ScalarHead(torch.nn.Module):
         if self.sequence_parallel:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-            out = gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
+            out = gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False,
+                                                       group=self.tp_group)
         return out, None
 
 
@@ -48,7 +49,7 @@ def build_critic_model(arch: ModelArch, config, **kwargs):
     """GPTModel for this rank's stage with the scalar head on the last stage."""
     model = build_gpt_model(dataclasses.replace(arch, tie_embeddings=False), config, **kwargs)
     if model.post_process:
-        model.output_layer = ScalarHead(config)
+        model.output_layer = ScalarHead(config, model.pg_collection.tp)
     return model
 
 

@@ -28,7 +28,7 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
 def _sharded(models: dict, is_loading: bool) -> dict:
     state = {}
     for name, model in models.items():
-        model_sd = model.module.sharded_state_dict(prefix=f"{name}.")
+        model_sd = model.groups.sharded_state_dict(model.module, prefix=f"{name}.")
         state[name] = model_sd
         state[f"{name}_optimizer"] = model.optimizer.sharded_state_dict(model_sd,
                                                                         is_loading=is_loading)

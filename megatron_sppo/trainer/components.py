@@ -85,11 +85,9 @@ class Components:
     def sync_weights(self, version: int) -> None:
         """Policy weights -> rollout engine (collective over the first data-parallel
         replica's model-parallel ranks; the local engine lives on global rank 0)."""
-        from megatron.core import parallel_state
-
         from megatron_sppo.rollout.export import iter_hf_tensors_live
 
-        if parallel_state.get_data_parallel_rank() != 0:
+        if self.policy.groups.dp_rank != 0:
             return
         named = iter_hf_tensors_live(self.policy.module, self.policy.arch, gather_pipeline=True)
         if dist.get_rank() == 0:

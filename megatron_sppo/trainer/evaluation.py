@@ -6,6 +6,8 @@ Brier score): how well the critic predicts what the policy can solve."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.distributed as dist
 
@@ -32,6 +34,20 @@ def critic_eval_metrics(logits: torch.Tensor, outcomes: torch.Tensor) -> dict:
             "critic_brier": float(((flat_v - flat_o) ** 2).mean())}
 
 
+def per_level(records, outcomes: torch.Tensor, greedy_right: torch.Tensor) -> dict:
+    """Sampled and greedy pass@1 per difficulty level (``metadata["level"]``, as the
+    arithmetic task and MATH carry it): which problems RL made solvable."""
+    levels: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        if "level" in r.metadata:
+            levels.setdefault(re.sub(r"\W+", "_", str(r.metadata["level"])), []).append(i)
+    out = {}
+    for level, rows in sorted(levels.items()):
+        out[f"pass1_sampled/level_{level}"] = outcomes[rows].mean().item()
+        out[f"pass1_greedy/level_{level}"] = greedy_right[rows].mean().item()
+    return out
+
+
 def evaluate_heldout(c, records, k: int, seed: int) -> dict:
     """Collective over all ranks; returns the same metrics dict everywhere."""
     from megatron_sppo.rollout import SamplingParams
@@ -54,12 +70,14 @@ def evaluate_heldout(c, records, k: int, seed: int) -> dict:
                                 dtype=torch.float).reshape(len(records), k)
         lengths = [len(x.token_ids) for per in sampled for x in per]
         truncated = [x.truncated for per in sampled for x in per]
+        greedy_right = torch.tensor([x == "correct" for x in g.status], dtype=torch.float)
         result = {"outcomes": outcomes,
                   "pass1_sampled": outcomes.mean().item(),
                   f"pass{k}": outcomes.max(1).values.mean().item(),
-                  "pass1_greedy": g.status.count("correct") / len(records),
+                  "pass1_greedy": greedy_right.mean().item(),
                   "response_length_mean": sum(lengths) / len(lengths),
-                  "truncation_rate": sum(truncated) / len(truncated)}
+                  "truncation_rate": sum(truncated) / len(truncated),
+                  **per_level(records, outcomes, greedy_right)}
     result = broadcast_object(result)
     outcomes = result.pop("outcomes")
     if c.critic is not None and c.cfg.algorithm.estimator == "sppo":

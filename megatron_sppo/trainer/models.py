@@ -13,6 +13,7 @@ from megatron_sppo.config import ModelConfig
 from megatron_sppo.data.packing import SequenceLayout
 from megatron_sppo.errors import UserError
 from megatron_sppo.models.hf_config import ModelArch
+from megatron_sppo.runtime.groups import ModelGroups, model_groups
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,6 +31,7 @@ class TrainedModel:
     optimizer: object
     scheduler: object
     hf_dir: Path
+    groups: ModelGroups
     layout: SequenceLayout = SequenceLayout()  # padded rows or THD packs (sequence_layout)
 
     def zero_grad(self) -> None:
@@ -106,16 +108,17 @@ def build_trained_model(kind: str, cfg: ModelConfig, checkpoint: str,
     module, arch = build_module(cfg, checkpoint, critic=critic, prefix=kind)
     hf_dir = checkpoint_source(checkpoint)[0]
     config, dtype = module.config, DTYPES[cfg.params_dtype]
+    groups = model_groups(module)
     ddp = DistributedDataParallel(
         config, DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.use_distributed_optimizer),
-        module=module)
+        module=module, pg_collection=groups.pg)
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
         clip_grad=cfg.clip_grad, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         params_dtype=dtype, use_distributed_optimizer=cfg.use_distributed_optimizer,
-        optimizer_cpu_offload=cfg.optimizer_cpu_offload), [ddp])
+        optimizer_cpu_offload=cfg.optimizer_cpu_offload), [ddp], **groups.optimizer_kwargs())
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     scheduler = OptimizerParamScheduler(
@@ -124,7 +127,7 @@ def build_trained_model(kind: str, cfg: ModelConfig, checkpoint: str,
         lr_decay_steps=max(total_steps, cfg.lr_warmup_steps + 1),
         lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
         wd_incr_steps=max(total_steps, 1), wd_incr_style="constant")
-    return TrainedModel(kind, arch, config, module, ddp, optimizer, scheduler, hf_dir,
+    return TrainedModel(kind, arch, config, module, ddp, optimizer, scheduler, hf_dir, groups,
                         sequence_layout(cfg))
 
 
@@ -132,14 +135,16 @@ def build_module(cfg: ModelConfig, checkpoint: str, *, critic: bool = False,
                  frozen: bool = False, prefix: str = "policy"
                  ) -> tuple[torch.nn.Module, ModelArch]:
     """Collective: this rank's GPTModel chunk (policy, or critic with a new scalar head) at the
-    config's layout, filled from an HF or Megatron checkpoint; ``frozen`` for forward-only
-    use (the reference policy)."""
+    config's layout, on megatron's global groups when that is the launched layout and on
+    groups of its own otherwise (:mod:`megatron_sppo.runtime.groups`), filled from an HF or
+    Megatron checkpoint; ``frozen`` for forward-only use (the reference policy)."""
     from megatron_sppo.checkpoint.convert import load_hf_weights
     from megatron_sppo.checkpoint.hf_io import HFCheckpointReader
     from megatron_sppo.checkpoint.megatron_io import load_model_checkpoint, read_meta
     from megatron_sppo.models.builder import build_gpt_model, transformer_config
     from megatron_sppo.models.critic import build_critic_model
     from megatron_sppo.models.hf_config import arch_from_hf_config, load_hf_config
+    from megatron_sppo.runtime.groups import groups_for_layout
 
     hf_dir, iter_dir = checkpoint_source(checkpoint)
     arch = arch_from_hf_config(load_hf_config(hf_dir))
@@ -147,7 +152,8 @@ def build_module(cfg: ModelConfig, checkpoint: str, *, critic: bool = False,
     arch.check_parallel(tp, pp)
     config = transformer_config(arch, tp=tp, pp=pp, params_dtype=DTYPES[cfg.params_dtype],
                                 **transformer_overrides(cfg, arch.num_layers, prefix))
-    module = (build_critic_model if critic else build_gpt_model)(arch, config)
+    module = (build_critic_model if critic else build_gpt_model)(
+        arch, config, groups=groups_for_layout(tp, pp))
     if iter_dir is None:
         load_hf_weights(module, HFCheckpointReader(hf_dir), arch, include_head=not critic)
     else:  # a critic may start from a policy checkpoint: backbone loaded, new head kept

@@ -8,6 +8,7 @@ import torch
 
 from megatron_sppo.config import Config
 from megatron_sppo.data.packing import SequenceLayout
+from megatron_sppo.runtime.groups import model_groups
 
 
 class ReferenceModel:
@@ -15,6 +16,7 @@ class ReferenceModel:
         self.module, self.arch, self.layout = module.eval().requires_grad_(False), arch, layout
         self.offload = offload and torch.cuda.is_available()
         self.ddp = module  # forward-only schedules need no DDP wrapper
+        self.groups = model_groups(module)
         if self.offload:
             self.module.cpu()
 

@@ -15,7 +15,8 @@ import torch
 
 from megatron_sppo.algorithms import AdvantageBatch, compute_advantages
 from megatron_sppo.config import Config
-from megatron_sppo.trainer.collectives import data_parallel_rows, share_rows, sum_stats
+from megatron_sppo.trainer.collectives import (data_parallel_rows, share_rows, sum_over_replicas,
+                                               sum_stats)
 from megatron_sppo.trainer.critic_update import (CriticBatch, TokenCriticBatch,
                                                  critic_forward_backward,
                                                  token_critic_forward_backward)
@@ -58,8 +59,8 @@ class StepBatch:
         return self.rewards.shape[0]
 
 
-def _local(rows: list[int]) -> list[int]:
-    return data_parallel_rows(rows)
+def _local(model, rows: list[int]) -> list[int]:
+    return data_parallel_rows(rows, model.groups)
 
 
 def _global_rows(results: list[dict], mine: list[int]) -> list[dict]:
@@ -82,26 +83,27 @@ def _policy_batch(batch: StepBatch, rows: list[int], with_targets: bool) -> Poli
 def forward_logprobs(model: TrainedModel, batch: StepBatch, cfg: Config) -> torch.Tensor:
     """[B, S-1] log-probs of the taken tokens under ``model`` (policy or reference), on
     every rank; forward-only with token-budget micro-batches."""
-    mine = _local(list(range(batch.size)))
+    mine = _local(model, list(range(batch.size)))
     results = policy_forward_backward(
         model.ddp, _policy_batch(batch, mine, False), vocab_size=model.arch.vocab_size,
         temperature=cfg.rollout.temperature, max_tokens=cfg.trainer.max_tokens_per_microbatch,
         forward_only=True, layout=model.layout)
     return share_rows(_global_rows(results, mine), "logprobs",
-                      tuple(batch.tensors.response_mask.shape))
+                      tuple(batch.tensors.response_mask.shape), model.groups)
 
 
 @torch.no_grad()
 def critic_values(critic: TrainedModel, batch: StepBatch, cfg: Config) -> None:
     """Pre-update critic outputs: SPPO's f(prompt) per sample, or gae's V per token."""
-    mine = _local(list(range(batch.size)))
+    mine = _local(critic, list(range(batch.size)))
     max_tokens = cfg.trainer.max_tokens_per_microbatch
     if cfg.algorithm.estimator == "sppo":
         cb = CriticBatch(batch.critic_prompt_ids[mine], batch.critic_prompt_lengths[mine])
         results = critic_forward_backward(critic.ddp, cb.micro(list(range(len(mine)))),
                                           max_tokens=max_tokens, forward_only=True,
                                           layout=critic.layout)
-        batch.critic_logits = share_rows(_global_rows(results, mine), "logits", (batch.size,))
+        batch.critic_logits = share_rows(_global_rows(results, mine), "logits", (batch.size,),
+                                         critic.groups)
     else:
         t = batch.tensors
         tb = TokenCriticBatch(t.input_ids[mine], t.lengths[mine], batch.loss_mask[mine])
@@ -109,7 +111,7 @@ def critic_values(critic: TrainedModel, batch: StepBatch, cfg: Config) -> None:
                                                 max_tokens=max_tokens, forward_only=True,
                                                 layout=critic.layout)
         batch.values = share_rows(_global_rows(results, mine), "values",
-                                  tuple(t.response_mask.shape))
+                                  tuple(t.response_mask.shape), critic.groups)
 
 
 def clamped_logit(p: float, eps: float) -> float:
@@ -140,11 +142,9 @@ def set_head_bias(critic: TrainedModel, success_rate: float, batch: StepBatch) -
             head.bias.fill_(bias)
         # the optimizer keeps fp32 main params: refresh them from the model
         critic.optimizer.reload_model_params()
-    shift_all = torch.tensor([shift])
-    from megatron_sppo.trainer.collectives import sum_over_replicas
-
-    replicas = sum_over_replicas(torch.ones(1)).item()
-    batch.critic_logits = batch.critic_logits + float(sum_over_replicas(shift_all)) / replicas
+    replicas = sum_over_replicas(torch.ones(1), critic.groups).item()
+    shift_all = sum_over_replicas(torch.tensor([shift]), critic.groups)
+    batch.critic_logits = batch.critic_logits + float(shift_all) / replicas
     return bias
 
 
@@ -178,7 +178,7 @@ def _run_update(model: TrainedModel, run, rows_per_mini: list[list[int]]) -> lis
     """One optimizer step per mini-batch; returns per-mini-batch statistics."""
     stats = []
     for rows in rows_per_mini:
-        mine = _local(rows)
+        mine = _local(model, rows)
         model.zero_grad()
         results = run(mine)
         applied, grad_norm = model.step()
@@ -203,7 +203,7 @@ def update_critic(critic: TrainedModel, batch: StepBatch, cfg: Config, seed: int
                                              clip_range=cfg.algorithm.value_clip)
 
     stats = _run_update(critic, run, mini_batches(batch, cfg, seed))
-    sums = [sum_stats(s["results"], ["loss_sum", "denominator"]) for s in stats]
+    sums = [sum_stats(s["results"], ["loss_sum", "denominator"], critic.groups) for s in stats]
     return {"critic_loss": _mean([s["loss_sum"] / max(s["denominator"], 1) for s in sums]),
             "critic_grad_norm": _mean([s["grad_norm"] for s in stats]),
             "critic_skipped": sum(not s["applied"] for s in stats),
@@ -222,7 +222,7 @@ def update_policy(policy: TrainedModel, batch: StepBatch, cfg: Config, seed: int
 
     stats = _run_update(policy, run, mini_batches(batch, cfg, seed))
     keys = ["loss_sum", "denominator", "tokens", *POLICY_STATS]
-    sums = [sum_stats(s["results"], keys) for s in stats]
+    sums = [sum_stats(s["results"], keys, policy.groups) for s in stats]
     tokens = sum(s["tokens"] for s in sums)
     out = {"policy_loss": _mean([s["loss_sum"] / max(s["denominator"], 1) for s in sums]),
            "grad_norm": _mean([s["grad_norm"] for s in stats]),

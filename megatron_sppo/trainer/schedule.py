@@ -26,9 +26,11 @@ def run_microbatches(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor
     pipeline stage; empty elsewhere).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
     from megatron_sppo.data.packing import pack, packed_seq_params, plan_packing, unpack
     from megatron_sppo.models.inputs import causal_inputs
+    from megatron_sppo.runtime.groups import model_groups
 
     def step(data_iterator, model_chunk):
         ids, lengths, mb = next(data_iterator)
@@ -54,8 +56,10 @@ def run_microbatches(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor
 
         return output, loss_func
 
-    return get_forward_backward_func()(
+    pg = model_groups(model).pg  # the model's own groups (a critic may have its own layout)
+    return get_forward_backward_func(pp_size=pg.pp.size(), vp_size=None)(
         forward_step_func=step, data_iterator=iter(micro_batches), model=[model],
         num_microbatches=len(micro_batches),
         seq_length=max(ids.shape[1] for ids, _, _ in micro_batches), micro_batch_size=1,
-        forward_only=forward_only)
+        forward_only=forward_only, pg_collection=pg,
+        p2p_communicator=P2PCommunicator(pp_group=pg.pp, config=model.config))

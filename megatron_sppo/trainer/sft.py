@@ -77,7 +77,7 @@ def sft_step(model, pairs: list[tuple[list[int], list[int]]], max_tokens: int) -
     model.zero_grad()
     results = run_microbatches(model.ddp, micro, loss)
     model.step()
-    sums = sum_stats(results, ["loss_sum", "denominator"])
+    sums = sum_stats(results, ["loss_sum", "denominator"], model.groups)
     return sums["loss_sum"] / max(sums["denominator"], 1)
 
 
@@ -111,8 +111,8 @@ def run_sft(cfg: SFTConfig) -> Path:
         bar = tqdm(total=cfg.steps, desc="sft", unit="step", dynamic_ncols=True)
     for _ in range(cfg.steps):
         batch = [pairs[rng.randrange(len(pairs))] for _ in range(cfg.batch_size)]
-        nll = sft_step(model, [batch[i] for i in data_parallel_rows(list(range(len(batch))))],
-                       cfg.max_tokens)
+        mine = data_parallel_rows(list(range(len(batch))), model.groups)
+        nll = sft_step(model, [batch[i] for i in mine], cfg.max_tokens)
         if bar is not None:
             bar.set_postfix(nll=f"{nll:.3f}")
             bar.update(1)

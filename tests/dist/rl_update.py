@@ -6,6 +6,7 @@ Reports losses, grad norms, a digest of the updated weights, and whether the rel
 and optimizers match.
 
 Usage: torchrun --nproc-per-node N rl_update.py HF_DIR OUT --tp T --pp P
+           [--critic-tp T2 --critic-pp P2]   (the critic's own layout; default the policy's)
 """
 
 import argparse
@@ -42,11 +43,9 @@ def synthetic_batch(vocab: int, prompts: int = 8):
 def digest(model) -> float:
     """A layout-independent fingerprint of the weights: the sum of squares over all shards,
     counting replicated (non-TP) parameters once and one data-parallel replica only."""
-    from megatron.core import parallel_state
-
     local = torch.zeros(1, dtype=torch.float64)
-    first_tp = parallel_state.get_tensor_model_parallel_rank() == 0
-    if parallel_state.get_data_parallel_rank() == 0:
+    first_tp = model.groups.tp_rank == 0
+    if model.groups.dp_rank == 0:
         for p in model.module.parameters():
             if getattr(p, "tensor_model_parallel", False) or first_tp:
                 local += p.detach().double().pow(2).sum()
@@ -61,10 +60,14 @@ def main():
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--critic-tp", type=int)
+    parser.add_argument("--critic-pp", type=int)
     args = parser.parse_args()
     world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
-    layout = [f"{m}.tensor_model_parallel_size={args.tp}" for m in ("policy", "critic")]
-    layout += [f"{m}.pipeline_model_parallel_size={args.pp}" for m in ("policy", "critic")]
+    layout = [f"policy.tensor_model_parallel_size={args.tp}",
+              f"policy.pipeline_model_parallel_size={args.pp}",
+              f"critic.tensor_model_parallel_size={args.critic_tp or args.tp}",
+              f"critic.pipeline_model_parallel_size={args.critic_pp or args.pp}"]
     cfg = load_config(None, [f"policy.checkpoint={args.hf_dir}", "policy.lr=1e-3",
                              "critic.lr=1e-3", "trainer.prompts_per_step=8",
                              "trainer.mini_batch_size=4", "trainer.ppo_epochs=2",
@@ -101,7 +104,11 @@ def main():
             "after_digest": {n: digest(m) for n, m in models.items()},
             "second_loss": outs, "run_note": run["note"], "run_step": run["step"],
             "lr": fresh["policy"].lr, "critic_logit0": float(batch.critic_logits[0]),
-            "replicas": float(sum_over_replicas(torch.ones(1)))})
+            "replicas": float(sum_over_replicas(torch.ones(1), critic.groups)),
+            "critic_layout": [critic.groups.tp_size, critic.groups.pp_size,
+                              critic.groups.dp_size],
+            "policy_layout": [policy.groups.tp_size, policy.groups.pp_size,
+                              policy.groups.dp_size]})
 
 
 if __name__ == "__main__":
