@@ -10,6 +10,7 @@ import sys
 import pytest
 from helpers import run
 
+from megatron_sppo.data.arithmetic import make_prompt_records
 from megatron_sppo.demo import builtin
 
 SUMMARY_KEYS = ("heldout_pass1_greedy_before", "heldout_pass1_greedy_after",
@@ -67,4 +68,12 @@ def test_demo_command_at_small_size(small_builtin, tmp_path):
     control_cfg = (out / "control" / "config.yaml").read_text()
     assert "shuffle: true" in control_cfg
     assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| sampled" in (out / "summary.md").read_text()
+    table = (out / "summary.md").read_text()
+    assert "| sampled" in table and "| level |" in table
+    # the held-out problems of every difficulty level, before and after
+    levels = {str(r["level"]) for r in make_prompt_records(6, split="heldout", seed=0)}
+    assert set(summary["by_level"]) == levels
+    for level, v in summary["by_level"].items():
+        assert v["greedy_after"] == sppo[-1][f"eval/pass1_greedy/level_{level}"]
+        assert 0 <= v["sampled_before"] <= 1
+    assert summary["machine"].endswith(" cores")

@@ -72,9 +72,20 @@ def summarize(sppo: list[dict], control: list[dict]) -> dict:
         "steps": after["step"],
         "train_reward_first10": _mean([r["reward_mean"] for r in sppo if r["step"] > 0][:10]),
         "train_reward_last10": _mean([r["reward_mean"] for r in sppo if r["step"] > 0][-10:]),
+        "by_level": _by_level(before, after),
         "curve": _curve(points),
         "control_curve": _curve(ctrl),
     }
+
+
+def _by_level(before: dict, after: dict) -> dict:
+    """{level: {sampled_before, sampled_after, greedy_before, greedy_after}} of SPPO."""
+    out = {}
+    for key in sorted(k for k in after if "/level_" in k):
+        mode, level = key.split("/level_")  # "pass1_sampled", "4"
+        kind, entry = mode.removeprefix("pass1_"), out.setdefault(level, {})
+        entry[f"{kind}_before"], entry[f"{kind}_after"] = before.get(key), after[key]
+    return out
 
 
 def _curve(points: list[dict]) -> list[dict]:
@@ -100,10 +111,22 @@ def markdown_table(s: dict) -> str:
              f"| greedy | {pct(s['heldout_pass1_greedy_before'])} | "
              f"{pct(s['heldout_pass1_greedy_after'])} | {pct(s['control_pass1_greedy_after'])} |",
              "",
+             *_level_rows(s.get("by_level", {}), pct),
              f"critic on held-out prompts after SPPO: Pearson {num(s['critic_pearson'])}, "
              f"AUC {num(s['critic_auc'])}, Brier {num(s['critic_brier'])}; "
              f"{s['steps']} steps per run, {s['wall_seconds']:.0f} s for both runs"]
     return "\n".join(lines) + "\n"
+
+
+def _level_rows(by_level: dict, pct) -> list[str]:
+    if not by_level:
+        return []
+    rows = ["| level | sampled before | sampled after | greedy before | greedy after |",
+            "|---|---|---|---|---|"]
+    for level, v in by_level.items():
+        rows.append(f"| {level} | {pct(v.get('sampled_before'))} | {pct(v.get('sampled_after'))}"
+                    f" | {pct(v.get('greedy_before'))} | {pct(v.get('greedy_after'))} |")
+    return [*rows, ""]
 
 
 def plot_curve(s: dict, path: Path) -> None:
@@ -131,6 +154,22 @@ def plot_curve(s: dict, path: Path) -> None:
     save_figure_atomic(fig, path)
 
 
+def machine_description() -> str:
+    """CPU model and core count: float results (and so every figure of a training run)
+    depend on the CPU's kernels, so a summary says which machine produced it."""
+    import os
+
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def run_demo(output_dir: str | Path, config: str | Path | None = None,
              overrides: tuple[str, ...] = ()) -> Path:
     """Set-up, the SPPO run, the control run, the summary files; returns the directory."""
@@ -154,7 +193,7 @@ def run_demo(output_dir: str | Path, config: str | Path | None = None,
                                                f"trainer.eval_interval={total}", *overrides])
     summary = summarize(sppo, control)
     summary.update(wall_seconds=time.time() - t1, setup_seconds=setup, config=str(config),
-                   overrides=list(overrides))
+                   overrides=list(overrides), machine=machine_description())
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     table = markdown_table(summary)
     write_text_atomic(out / "summary.md", table)

@@ -124,9 +124,12 @@ def _build_collection(world: int, tp: int, pp: int):
 
 
 def model_groups(model) -> ModelGroups:
-    """The groups a (possibly DDP/Float16Module-wrapped) GPTModel chunk was built with."""
+    """The groups a (possibly DDP/Float16Module-wrapped) GPTModel chunk was built with;
+    megatron's global groups for a module that records none."""
     while not hasattr(model, "pg_collection") and hasattr(model, "module"):
         model = model.module
-    pg = model.pg_collection
+    pg = getattr(model, "pg_collection", None)
+    if pg is None:
+        return global_groups()
     return ModelGroups(pg, own=any(pg is own for own in _OWN.values()))
 
