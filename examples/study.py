@@ -122,6 +122,7 @@ def plot(results: dict, path: Path) -> None:
                         color=color["color"], alpha=0.8, label=method if i == 0 else None)
     axes[0].set_xlabel("training seconds (2 CPU cores; evaluation excluded)")
     axes[1].set_xlabel("generated response tokens")
+    axes[1].xaxis.set_major_formatter(lambda x, _: f"{x / 1e3:.0f}k")
     for ax in axes:
         ax.set_ylabel("held-out pass@1 (sampled)")
         ax.grid(alpha=0.3)
