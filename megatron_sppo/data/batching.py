@@ -54,3 +54,17 @@ def select_rows(batch, rows: list[int], lengths: torch.Tensor, multiple: int = 1
         return torch.nn.functional.pad(t, (0, -cut)) if cut < 0 else t
 
     return dataclasses.replace(batch, **{name: take(t) for name, t in values.items()})
+
+
+def to_device(batch, device: torch.device):
+    """Tensors on ``device``, inside tuples, lists and dataclasses (anything else is kept):
+    the one place micro-batches cross from the host, where rollouts are assembled, to the
+    GPU."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(x, device) for x in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: to_device(getattr(batch, f.name), device)
+                                             for f in dataclasses.fields(batch)})
+    return batch

@@ -93,7 +93,7 @@ def build_gpt_model(arch: ModelArch, config, *, pre_process: bool | None = None,
     if post_process is None:
         post_process = groups.is_last_stage
     rotary_base = arch.rope_theta
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(arch, use_te),
         vocab_size=arch.padded_vocab_size,
@@ -108,3 +108,13 @@ def build_gpt_model(arch: ModelArch, config, *, pre_process: bool | None = None,
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
         pg_collection=groups.pg,
     )
+    return to_current_device(model)
+
+
+def to_current_device(module: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter and buffer on this rank's GPU, as megatron.training's ``get_model``
+    does after building: layers without a device argument (the local spec's norms) are made
+    on the host even when ``use_cpu_initialization`` is off. A no-op without CUDA."""
+    if torch.cuda.is_available():
+        module.cuda(torch.cuda.current_device())
+    return module

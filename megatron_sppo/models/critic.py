@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from megatron_sppo.models.builder import build_gpt_model
+from megatron_sppo.models.builder import build_gpt_model, to_current_device
 from megatron_sppo.models.hf_config import ModelArch
 
 
@@ -48,8 +48,8 @@ class ScalarHead(torch.nn.Module):
 def build_critic_model(arch: ModelArch, config, **kwargs):
     """GPTModel for this rank's stage with the scalar head on the last stage."""
     model = build_gpt_model(dataclasses.replace(arch, tie_embeddings=False), config, **kwargs)
-    if model.post_process:
-        model.output_layer = ScalarHead(config, model.pg_collection.tp)
+    if model.post_process:  # a new module: on the model's device like the rest
+        model.output_layer = to_current_device(ScalarHead(config, model.pg_collection.tp))
     return model
 
 

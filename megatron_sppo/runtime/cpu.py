@@ -33,6 +33,8 @@ import warnings
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_sppo.runtime import emulated
+
 _CPU = torch.device("cpu")
 _ENABLED = False
 
@@ -129,8 +131,10 @@ def _patch_megatron_rng() -> None:
 def enable_cpu_megatron(force: bool = False) -> bool:
     """Install the CPU device layer if CUDA is absent. Idempotent.
 
-    Returns True when the layer is active (now or from an earlier call), False on a GPU
-    machine, where nothing is changed. ``force=True`` (or ``MEGATRON_SPPO_FORCE_CPU=1``)
+    Returns True when a layer is active (now or from an earlier call), False on a GPU
+    machine, where nothing is changed. With ``MEGATRON_SPPO_EMULATE_GPU=1`` the strict layer
+    (:mod:`megatron_sppo.runtime.emulated`) is installed instead: an emulated GPU apart from
+    the host, on which code takes its GPU paths. ``force=True`` (or ``MEGATRON_SPPO_FORCE_CPU=1``)
     installs it even when CUDA is present, for CPU jobs such as checkpoint conversion,
     which must not take GPU memory from a job sharing the node.
     """
@@ -140,6 +144,10 @@ def enable_cpu_megatron(force: bool = False) -> bool:
     force = force or os.environ.get("MEGATRON_SPPO_FORCE_CPU") == "1"
     if torch.cuda.is_available() and not force:
         return False
+    if emulated.requested() and not force:
+        emulated.enable()  # the strict layer: host and an emulated device apart
+        _ENABLED = True
+        return True
 
     cuda = torch.cuda
     cuda.is_available = lambda: False

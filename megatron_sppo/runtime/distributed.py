@@ -17,6 +17,9 @@ import torch.distributed as dist
 from megatron_sppo.runtime.cpu import enable_cpu_megatron
 
 
+HOST_AND_DEVICE = "cpu:gloo,cuda:nccl"
+
+
 def free_port() -> int:
     """A TCP port on the loopback interface that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -41,20 +44,24 @@ def init_distributed(
 ) -> bool:
     """Initialise torch.distributed and megatron-core's parallel state; seed all RNGs.
 
-    Returns True when running on CPU (through the CPU device layer). Calling it again with
-    the same sizes is a no-op apart from re-seeding; different sizes re-create megatron's
-    groups (the process group itself is kept).
+    Returns True when running on the relaxed CPU layer. On a GPU (real or emulated) each rank
+    takes the GPU of its LOCAL_RANK and the default group is ``"cpu:gloo,cuda:nccl"``: device
+    tensors go over NCCL, the trainer's host-side collectives (stop flag, rollouts, per-row
+    results) over gloo, since NCCL refuses host tensors. Calling it again with the same sizes
+    is a no-op apart from re-seeding; different sizes re-create megatron's groups (the process
+    group itself is kept).
     """
-    on_cpu = enable_cpu_megatron()  # before megatron-core is imported
+    enable_cpu_megatron()  # before megatron-core is imported
     from megatron.core import parallel_state, tensor_parallel
 
+    on_gpu = torch.cuda.is_available()  # a real GPU or the emulated one
     if not dist.is_initialized():
         _slurm_to_torch_env()
-        if not on_cpu:
+        if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         launched = "RANK" in os.environ
         dist.init_process_group(
-            backend="gloo" if on_cpu else "nccl",
+            backend=HOST_AND_DEVICE if on_gpu else "gloo",
             timeout=timedelta(minutes=timeout_minutes),
             # a plain process gets a one-rank group; the environment (inherited by
             # subprocesses) is left untouched
@@ -85,4 +92,4 @@ def init_distributed(
         )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
-    return on_cpu
+    return not on_gpu

@@ -28,12 +28,16 @@ def run_microbatches(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
+    from megatron_sppo.data.batching import to_device
     from megatron_sppo.data.packing import pack, packed_seq_params, plan_packing, unpack
     from megatron_sppo.models.inputs import causal_inputs
     from megatron_sppo.runtime.groups import model_groups
 
+    device = next(model.parameters()).device
+
     def step(data_iterator, model_chunk):
         ids, lengths, mb = next(data_iterator)
+        ids, mb = to_device(ids, device), to_device(mb, device)
         if pack_align is None:
             output, restore = model_chunk(ids, *causal_inputs(ids)), None
         else:
