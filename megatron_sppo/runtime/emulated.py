@@ -62,7 +62,10 @@ def requested() -> bool:
 # ---- the emulated devices of this process --------------------------------------------------
 
 class _Devices:
-    """Visible devices, the current one, per-device RNG and live-memory accounting."""
+    """Visible devices, the current one, per-device RNG, and memory as PyTorch's caching
+    allocator shows it: ``allocated`` is live device storage (creation, release and
+    ``resize_`` followed exactly); ``reserved`` keeps freed memory until ``empty_cache()``,
+    and only reserved memory is what other processes see as taken."""
 
     def __init__(self):
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -74,11 +77,10 @@ class _Devices:
         self.node = os.environ.get(ENV_NODE) or socket.gethostname()
         self.current = 0
         self.rng = [torch.Generator().manual_seed(0) for _ in self.physical]
-        self.live: dict[tuple[int, int], list] = {}  # (device, data_ptr) -> [bytes, refs]
-        self.allocated = [0] * len(self.physical)
-        self.peak = [0] * len(self.physical)
-        self.published = [0] * len(self.physical)
-        self.lock = threading.Lock()
+        self.live: dict[int, list] = {}  # storage impl address -> [device, bytes, wrappers]
+        n = len(self.physical)
+        self.allocated, self.reserved, self.peak, self.published = [0] * n, [0] * n, [0] * n, [0] * n
+        self.lock = threading.RLock()
         root = os.environ.get(ENV_DIR)
         if not root:  # first process of a run: its children share the directory
             root = tempfile.mkdtemp(prefix="megatron-sppo-emulated-gpus-")
@@ -97,57 +99,69 @@ class _Devices:
     # memory ---------------------------------------------------------------------------
 
     def track(self, tensor: "DeviceTensor") -> None:
-        elem = tensor.elem
-        storage = elem.untyped_storage()
-        key = (tensor.index, storage.data_ptr())
-        if key[1] == 0:
-            return
+        """Count the device tensor's storage (once, however many tensors view it)."""
+        storage = tensor.elem.untyped_storage()
+        key = storage._cdata
         with self.lock:
             entry = self.live.get(key)
             if entry is None:
-                entry = self.live[key] = [storage.nbytes(), 0]
-                self._add(tensor.index, entry[0])
-            entry[1] += 1
-        weakref.finalize(tensor, self._untrack, key)
+                entry = self.live[key] = [tensor.index, storage.nbytes(), 0]
+                self._change(tensor.index, entry[1])
+            entry[2] += 1
+        tensor.__dict__["_emulated_release"] = weakref.finalize(tensor, self._untrack, key)
 
-    def _untrack(self, key) -> None:
+    def _untrack(self, key: int) -> None:
         with self.lock:
             entry = self.live.get(key)
             if entry is None:
                 return
-            entry[1] -= 1
-            if entry[1] == 0:
+            entry[2] -= 1
+            if entry[2] == 0:
                 del self.live[key]
-                self._add(key[0], -entry[0])
+                self._change(entry[0], -entry[1])
 
-    def _add(self, index: int, nbytes: int) -> None:
+    def resized(self, storage, nbytes: int) -> None:
+        """A tracked storage changed size (megatron frees grad buffers with resize_(0))."""
+        with self.lock:
+            entry = self.live.get(storage._cdata)
+            if entry is not None:
+                self._change(entry[0], nbytes - entry[1])
+                entry[1] = nbytes
+
+    def _change(self, index: int, nbytes: int) -> None:
         self.allocated[index] += nbytes
         self.peak[index] = max(self.peak[index], self.allocated[index])
-        if abs(self.allocated[index] - self.published[index]) >= _PUBLISH_EVERY:
-            self.publish(index)
+        if self.allocated[index] > self.reserved[index]:
+            self.reserved[index] = self.allocated[index]
+            if self.reserved[index] - self.published[index] >= _PUBLISH_EVERY:
+                self.publish(index)
+
+    def empty_cache(self) -> None:
+        """Reserved memory back to what is allocated, as seen by other processes too."""
+        with self.lock:
+            for index in range(len(self.physical)):
+                self.reserved[index] = self.allocated[index]
+                if self.published[index] != self.reserved[index]:
+                    self.publish(index)
 
     def _file(self, index: int, pid: int | None = None) -> Path:
         return self.root / f"{self.node}-gpu{self.physical[index]}" / str(pid or os.getpid())
 
     def publish(self, index: int) -> None:
-        """Write this process's device memory where other processes on the GPU read it."""
+        """Write this process's reserved memory where other processes on the GPU read it."""
         path = self._file(index)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(str(self.allocated[index]))
+        tmp.write_text(str(self.reserved[index]))
         os.replace(tmp, path)
-        self.published[index] = self.allocated[index]
+        self.published[index] = self.reserved[index]
 
     def used_by_all(self, index: int) -> int:
-        """Device memory held on this GPU by every live process (this one exactly)."""
-        self.publish(index)
-        total = 0
+        """Device memory reserved on this GPU by every live process (this one exactly)."""
+        total = self.reserved[index]
         for path in self._file(index).parent.glob("[0-9]*"):
-            if path.suffix:
-                continue
-            pid = int(path.name)
-            if pid == os.getpid():
-                total += self.allocated[index]
+            pid = int(path.name) if path.name.isdigit() else None
+            if pid is None or pid == os.getpid():
                 continue
             try:
                 os.kill(pid, 0)
@@ -281,20 +295,6 @@ class DeviceTensor(torch.Tensor):
         raise RuntimeError("cannot pin 'torch.cuda.FloatTensor' only dense CPU tensors can be "
                            "pinned")
 
-    @property
-    def data(self):
-        return DeviceTensor(self.elem.detach(), self.index)
-
-    @data.setter
-    def data(self, value):
-        if not isinstance(value, DeviceTensor):
-            raise RuntimeError(f"emulated GPU: .data of a cuda:{self.index} tensor set to a "
-                               f"{value.device} tensor; move it with .to() instead")
-        with torch._C.DisableTorchFunctionSubclass():
-            torch.Tensor.data.__set__(self, value)
-        self.elem, self.index = value.elem, value.index
-        devices().track(self)
-
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @classmethod
@@ -304,6 +304,54 @@ class DeviceTensor(torch.Tensor):
 
 def is_device_tensor(x) -> bool:
     return isinstance(x, DeviceTensor)
+
+
+# ---- .data and storage resizes across host and device --------------------------------------
+
+_DATA = torch._C.TensorBase.data
+_RESIZE = torch.UntypedStorage.resize_
+
+
+def _get_data(self):
+    if isinstance(self, DeviceTensor):
+        return DeviceTensor(self.elem.detach(), self.index)
+    return _DATA.__get__(self)
+
+
+def _set_data(self, value):
+    """``t.data = v``: v's data under t's identity. Between host and device (megatron's
+    optimizer offload does ``p.data = p.data.cpu()``) the tensor changes kind in place,
+    keeping its attributes, as a CUDA tensor changes device."""
+    if not isinstance(self, DeviceTensor) and not isinstance(value, DeviceTensor):
+        return _DATA.__set__(self, value)
+    if isinstance(self, DeviceTensor) and isinstance(value, DeviceTensor):
+        with torch._C.DisableTorchFunctionSubclass():
+            _DATA.__set__(self, value)
+        self.__dict__["_emulated_release"]()
+        self.elem, self.index = value.elem, value.index
+        devices().track(self)
+        return None
+    keep = {k: v for k, v in self.__dict__.items()
+            if k not in ("elem", "index", "_emulated_release", "_emulated_origin")}
+    if isinstance(self, DeviceTensor):
+        self.__dict__["_emulated_release"]()
+    inner = value.detach()
+    new = (torch.nn.Parameter(inner, requires_grad=self.requires_grad)
+           if isinstance(self, torch.nn.Parameter) else inner.requires_grad_(self.requires_grad))
+    if isinstance(new, DeviceTensor):  # swap_tensors refuses tensors with weak references
+        new.__dict__["_emulated_release"]()
+    torch.utils.swap_tensors(self, new)
+    self.__dict__.update(keep)
+    if isinstance(self, DeviceTensor):
+        devices().track(self)
+    return None
+
+
+def _resize(self, size):
+    out = _RESIZE(self, size)
+    if _DEVICES is not None:
+        _DEVICES.resized(self, self.nbytes())
+    return out
 
 
 # ---- dispatch: device checks, host compute, re-wrapping -----------------------------------
@@ -466,12 +514,13 @@ _TENSOR_TO = torch.Tensor.to
 def _tensor_to(self: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """``Tensor.to``: device moves here, dtype/layout changes through torch (dispatch keeps a
     device tensor on its device)."""
-    device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
-    if device is None:
-        return _TENSOR_TO(self, *args, **kwargs)
+    copy = kwargs.pop("copy", False)
+    device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+    index = self.index if isinstance(self, DeviceTensor) else None
+    if device is None or _index_of(device) == index:  # no move: no device argument to torch
+        return _TENSOR_TO(self, dtype=dtype or self.dtype, non_blocking=non_blocking, copy=copy,
+                          memory_format=memory_format or torch.preserve_format)
     index = _index_of(device)
-    if index == (self.index if isinstance(self, DeviceTensor) else None):
-        return _TENSOR_TO(self, *args, **kwargs)
     moved = _to_host(self) if index is None else _to_device(self, index)
     return moved if dtype is None or dtype == moved.dtype else _TENSOR_TO(moved, dtype)
 
@@ -610,14 +659,18 @@ def _patch_factories() -> None:
     torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.cpu = _tensor_to, _tensor_cuda, _tensor_cpu
 
 
+_NOT_FACTORIES = {torch._C._nn._parse_to}
+
+
 class _EmulationMode(TorchFunctionMode):
     """Any other function given ``device=`` creates on the emulated device it names; host
     tensors remember the function that created them (for the errors above)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = (_create(func, args, kwargs) if kwargs.get("device") is not None
-               else func(*args, **kwargs))
+        factory = (kwargs.get("device") is not None and func not in _NOT_FACTORIES
+                   and not any(isinstance(a, torch.Tensor) for a in args))
+        out = _create(func, args, kwargs) if factory else func(*args, **kwargs)
         if (isinstance(out, torch.Tensor) and not isinstance(out, DeviceTensor)
                 and "_emulated_origin" not in out.__dict__):
             source = next((a for a in args if isinstance(a, torch.Tensor)
@@ -738,7 +791,7 @@ def _patch_cuda() -> None:
     cuda.get_device_name = lambda device=None: _Props(_device_arg(device)).name
     cuda.get_device_capability = lambda device=None: (9, 0)
     cuda.synchronize = lambda device=None: None
-    cuda.empty_cache = lambda: None
+    cuda.empty_cache = d.empty_cache
     cuda.ipc_collect = lambda: None
     cuda.Stream = cuda.ExternalStream = _Stream
     cuda.Event = _Event
@@ -748,7 +801,7 @@ def _patch_cuda() -> None:
     cuda.is_current_stream_capturing = lambda: False
     cuda.memory_allocated = lambda device=None: d.allocated[_device_arg(device)]
     cuda.max_memory_allocated = lambda device=None: d.peak[_device_arg(device)]
-    cuda.memory_reserved = cuda.memory_allocated
+    cuda.memory_reserved = lambda device=None: d.reserved[_device_arg(device)]
     cuda.max_memory_reserved = cuda.max_memory_allocated
     cuda.mem_get_info = _mem_get_info
 
@@ -759,7 +812,8 @@ def _patch_cuda() -> None:
     cuda.reset_peak_memory_stats = cuda.reset_max_memory_allocated = reset_peak
     cuda.memory_stats = lambda device=None: {
         "allocated_bytes.all.current": d.allocated[_device_arg(device)],
-        "allocated_bytes.all.peak": d.peak[_device_arg(device)]}
+        "allocated_bytes.all.peak": d.peak[_device_arg(device)],
+        "reserved_bytes.all.current": d.reserved[_device_arg(device)]}
     cuda.get_rng_state = lambda device="cuda": d.rng[_device_arg(device)].get_state()
     cuda.set_rng_state = lambda new_state, device="cuda": d.rng[_device_arg(device)].set_state(
         new_state)
@@ -779,6 +833,8 @@ def _patch_cuda() -> None:
     acc.set_device_index = acc.set_device_idx = _set_device
     acc.current_stream = lambda device=None: _Stream()
     acc.synchronize = lambda device=None: None
+    torch.Tensor.data = property(_get_data, _set_data)
+    torch.UntypedStorage.resize_ = _resize
     torch.nn.Module.cuda = _module_cuda
     torch.nn.Module.cpu = _module_cpu
     torch.nn.Module.to = _module_to
