@@ -42,7 +42,8 @@ def add_eval_command(commands) -> None:
     p.add_argument("--max-new-tokens", type=int, default=PAPER_SAMPLING.max_new_tokens)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reward", default="math",
-                   help="reward function deciding correctness (math, math_answer, pkg.mod:fn)")
+                   help="reward function deciding correctness (math, math_answer, math_auto, "
+                   "pkg.mod:fn)")
     p.add_argument("--engine", choices=("local", "sglang"), default="local",
                    help="local: transformers on this machine; sglang: servers (see --address)")
     p.add_argument("--address", action="append", default=[],

@@ -134,10 +134,14 @@ def test_rloo_by_hand():
 
 def test_remax_by_hand():
     batch = AdvantageBatch(rewards=t([1.0, 0.0]), response_mask=torch.ones(2, 2, dtype=torch.bool),
-                           greedy_rewards=t([0.0, 1.0]), logprobs=t([[0.0, 0.2], [0.0, 0.0]]),
+                           greedy_rewards=t([0.0, 1.0]), logprobs=t([[0.2, 0.0], [0.0, 0.4]]),
                            ref_logprobs=torch.zeros(2, 2, dtype=F64))
     close(compute_advantages("remax", batch).advantages, [[1.0, 1.0], [-1.0, -1.0]])
-    close(compute_advantages("remax", batch, kl_coef=0.5).advantages, [[0.9, 0.9], [-1.0, -1.0]])
+    # KL in reward: token rewards [[-0.1, 1], [0, -0.2]]; each token's reward-to-go minus the
+    # greedy response's outcome (no KL): [[0.9 - 0, 1 - 0], [-0.2 - 1, -0.2 - 1]]
+    out = compute_advantages("remax", batch, kl_coef=0.5)
+    close(out.advantages, [[0.9, 1.0], [-1.2, -1.2]])
+    close(out.returns, [[0.9, 1.0], [-0.2, -0.2]])
 
 
 def test_reinforce_pp_by_hand():
@@ -199,11 +203,15 @@ def _ref(name, b, gamma=1.0, lam=1.0, kl_coef=0.0, eps=1e-6):
                 nxt_v, nxt_a = v, a[k]
             for k, j in enumerate(idx):
                 adv[i, j], ret[i, j] = a[k], a[k] + float(b.values[i, j])
-        if name == "reinforce_pp":
+        if name in ("reinforce_pp", "remax"):
             g_t = 0.0
             for k in reversed(range(len(idx))):
                 g_t = r[k] + gamma * g_t
                 ret[i, idx[k]] = g_t
+                if name == "remax":  # reward-to-go minus the greedy response's outcome
+                    adv[i, idx[k]] = g_t - float(b.greedy_rewards[i])
+    if name == "remax":
+        return adv, ret
     if name in ("gae", "reinforce_pp"):
         src = adv if name == "gae" else ret
         vals = [float(src[i, j]) for i in range(B) for j in range(T) if b.response_mask[i, j]]
@@ -224,8 +232,6 @@ def _ref(name, b, gamma=1.0, lam=1.0, kl_coef=0.0, eps=1e-6):
         elif name == "rloo":
             others = [totals[j] for j in mates if j != i]
             seq.append(totals[i] - sum(others) / len(others))
-        elif name == "remax":
-            seq.append(totals[i] - float(b.greedy_rewards[i]))
     mask = b.response_mask
     return torch.where(mask, t(seq)[:, None], 0), torch.where(mask, t(totals)[:, None], 0)
 

@@ -57,7 +57,7 @@ def test_dapo_math_17k_as_given_and_rewritten_for_boxed(tmp_path):
     assert boxed.metadata["original_data_source"] == "math_dapo"
     other = tmp_path / "other.parquet"
     pq.write_table(pa.Table.from_pylist(VERL_ROWS[:1]), other)
-    with pytest.raises(UserError, match="not DAPO-Math-17k's wrapper"):
+    with pytest.raises(UserError, match="neither DAPO-Math-17k's wrapper"):
         load_prompt_records([other], format="dapo")
 
 

@@ -129,7 +129,7 @@ def test_answer_mode():
     assert extract_answer("work\nAnswer: 42", mode="answer") == "42"
     assert extract_answer("**Answer:** $\\frac{1}{2}$.", mode="answer") == r"\frac{1}{2}"
     assert extract_answer("Answer: 3\nno wait\nAnswer: \\boxed{4}", mode="answer") == "4"
-    assert extract_answer(r"\boxed{5}", mode="answer") is None
+    assert extract_answer(r"\boxed{5}", mode="answer") == "5"  # no Answer line: the last box
     assert extract_answer("Answer: 42") is None  # boxed mode ignores the Answer line
     assert math_reward("Answer: 0.5", r"\frac12", mode="answer") == 1.0
     with pytest.raises(ValueError, match="answer mode"):
@@ -137,12 +137,32 @@ def test_answer_mode():
 
 
 def test_long_and_adversarial_inputs_are_fast():
+    math_reward(r"\boxed{1}", "1")  # the shared worker's start-up is not the check's time
     start = time.perf_counter()
     assert math_reward("blah " * 40_000 + r"\boxed{7}", "7") == 1.0
     assert math_reward(r"\boxed{" * 5_000, "7") == 0.0
     assert math_reward("{" * 100_000 + "}" * 99_999, "7") == 0.0
     assert math_reward("\\" * 100_001 + r"\boxed{7}", "7") == 1.0
     assert time.perf_counter() - start < 5.0
+
+
+def test_one_sample_reward_has_the_scorer_time_limit():
+    """``math_reward`` checks in a shared worker with the scorer's limit and 0 on timeout:
+    a power tower and a deeply nested expression (each minutes in math-verify) score 0.0
+    once the limit passes, their worker is replaced, and the next call is served."""
+    import inspect
+
+    from megatron_sppo.rewards import math as math_module
+
+    limit = inspect.signature(math_reward).parameters["timeout_s"].default
+    assert limit == RewardConfig().timeout_s
+    assert math_reward(r"\boxed{1}", "1") == 1.0  # starts the shared worker
+    pool = math_module._one_sample_pool()
+    for slow in (r"\boxed{9^{9^{9^{9}}}}", r"\boxed{" + "(" * 300 + "x+1" + ")" * 300 + "}"):
+        pid = pool._workers[0].proc.pid
+        assert math_reward(slow, "5", timeout_s=0.5) == 0.0
+        assert pool._workers[0].proc.pid != pid  # it ran out of time: its worker was killed
+    assert math_reward(r"\boxed{5}", "5") == 1.0
 
 
 def test_ground_truth_parsed_once_and_unparsable_compared_as_text():
@@ -235,6 +255,11 @@ USER_MODULE = """
         return {"length": 1.0}
 
     anonymous = lambda prompt, response, ground_truth, metadata: 1.0
+
+    def library(prompt, response, ground_truth, metadata):
+        from megatron_sppo.rewards import math_reward
+
+        return math_reward(response, ground_truth)
 """
 
 
@@ -264,13 +289,21 @@ def test_config_values_and_format_penalty(pool):
 
 
 def test_think_mode_and_dapo_route(pool):
-    records = [PromptRecord("q", "5"), PromptRecord("q", "5", data_source="math_dapo")]
+    """math_dapo rows are checked the way their prompt asks: DAPO's own "Answer:" line (a
+    box when there is none), or the box of the SPPO authors' rewrite."""
+    from megatron_sppo.data.prompts import DAPO_HEAD, DAPO_INSTRUCTION, DAPO_TAIL
+
+    asks_line = f"{DAPO_HEAD}\n\nFind $x$.\n\n{DAPO_TAIL}"
+    asks_box = f"Find $x$. {DAPO_INSTRUCTION}"
+    records = [PromptRecord("q", "5"), PromptRecord(asks_line, "5", data_source="math_dapo"),
+               PromptRecord([{"role": "user", "content": asks_box}], "5", "math_dapo")]
     samples = [[_s(r"\boxed{5}"), _s(r"t </think> \boxed{5}")],
+               [_s("t </think>\nAnswer: 5"), _s(r"t </think> \boxed{5}")],
                [_s("t </think>\nAnswer: 5"), _s(r"t </think> \boxed{5}")]]
     with RewardScorer(RewardConfig(require_think_close=True), pool=pool) as scorer:
-        assert scorer.spec_for("math_dapo") == "math_answer"
+        assert scorer.spec_for("math_dapo") == "math_auto"
         out = scorer.score(records, samples)
-    assert out.status == ["no_answer", "correct", "correct", "no_answer"]
+    assert out.status == ["no_answer", "correct", "correct", "correct", "no_answer", "correct"]
 
 
 def test_user_functions_routed_by_data_source(pool, user_module):
@@ -285,6 +318,15 @@ def test_user_functions_routed_by_data_source(pool, user_module):
     assert out.rewards == pytest.approx([0.999, -0.001, 2.0, 0.5, 1.0])
     assert out.correctness == [1.0, 0.0, 1.0, 0.0, 1.0]  # a bare number is correct if >= 1
     assert out.metrics["reward/length"] == 1.0
+
+
+def test_user_function_calling_math_reward_runs_in_the_scorers_worker(pool, user_module):
+    """A reward worker is a daemon process that cannot start workers: there math_reward
+    checks in place, under the scorer's own time limit."""
+    records = [PromptRecord("q", "7", data_source="lib")] * 2
+    with RewardScorer(routes={"lib": f"{user_module}:library"}, pool=pool) as scorer:
+        out = scorer.score(records, [[_s(r"\boxed{7}")], [_s(r"\boxed{8}")]])
+    assert out.status == ["correct", "incorrect"]
 
 
 def test_user_function_errors_name_the_sample(pool, user_module):

@@ -79,8 +79,8 @@ class AdvantageOutput:
     """advantages: [B, T], 0 outside the mask.
     returns: the critic's regression target in the critic's shape: [B] 0/1 correctness for
     sppo (a prompt-level critic), [B, T] A + V for gae, the discounted return for
-    reinforce_pp, and the sequence's total reward on each response token for the critic-free
-    grpo/rloo/remax (for statistics only)."""
+    reinforce_pp, the reward-to-go for remax, and the sequence's total reward on each
+    response token for the critic-free grpo/rloo (for statistics only)."""
 
     advantages: torch.Tensor
     returns: torch.Tensor
@@ -255,10 +255,15 @@ def rloo(batch: AdvantageBatch, kl_coef: float = 0.0, kl_estimator: str = "k1") 
 
 @register_estimator("remax")
 def remax(batch: AdvantageBatch, kl_coef: float = 0.0, kl_estimator: str = "k1") -> AdvantageOutput:
-    """ReMax: A = R - R(greedy response to the same prompt), R with KL in reward as in rloo."""
+    """ReMax: A_t = G_t - R(greedy response to the same prompt), where G_t = sum_{t' >= t} r_t'
+    is the reward-to-go of the token rewards (the outcome on the last token, minus
+    kl_coef * KL_t on each one) and the greedy response's R is its outcome alone (Li et al.
+    2023; verl's compute_remax_outcome_advantage). Without KL every token gets R - R_greedy.
+    Returns G_t."""
     (greedy,) = batch.require("remax", "greedy_rewards")
-    total = _token_rewards(batch, "remax", kl_coef, kl_estimator).sum(-1)
-    return AdvantageOutput(_per_token(total - greedy, batch.mask), _per_token(total, batch.mask))
+    rewards = _token_rewards(batch, "remax", kl_coef, kl_estimator)
+    to_go = _reverse_scan(rewards, torch.zeros_like(rewards), batch.mask, 1.0, 1.0)
+    return AdvantageOutput(torch.where(batch.mask, to_go - greedy[:, None], 0), to_go)
 
 
 @register_estimator("reinforce_pp")

@@ -163,8 +163,15 @@ class RolloutConfig:
 @dataclass
 class AlgorithmConfig:
     """The advantage estimator and losses. truncated_reward: the reward of a response cut at
-    the length limit (None keeps the verifier's score); truncated_in_loss: false drops such
-    responses from the policy loss (DAPO's overlong filtering). old_logprobs: ``policy`` (a
+    the length limit (None keeps the verifier's score, as the SPPO authors' runs do); a
+    response it applies to also counts as incorrect for the critic's target and the
+    accuracy metric, so that V keeps estimating the chance of the reward it is subtracted
+    from. truncated_in_loss: false drops such responses from the policy loss (DAPO's
+    overlong filtering). loss_agg_mode: ``token-mean`` (every token of the mini-batch
+    weighs the same), ``seq-mean-token-mean`` (every sequence weighs the same: what verl
+    computes with one sequence per micro-batch, as the authors' 7B run) or
+    ``seq-mean-token-sum``; each exact across micro-batches and data-parallel ranks.
+    value_clip: the token-level critic's value clip (gae). old_logprobs: ``policy`` (a
     forward pass of the pre-update policy) or ``engine`` (the rollout engine's).
     sppo_baseline: ``critic`` (the paper) or ``running_mean`` (the ablation: V is a running
     mean of past batches' success rate, the same for every prompt; no critic is built)."""
@@ -213,26 +220,33 @@ class AlgorithmConfig:
 
 @dataclass
 class DataConfig:
-    """Prompt data: files (JSONL, Parquet, HF datasets on disk) or ``builtin:arithmetic``."""
+    """Prompt data: files (JSONL, Parquet, HF datasets on disk) or ``builtin:arithmetic``.
+    ``instruction`` is appended to text prompts (chat-message prompts are used as given).
+    ``overlong_prompts``: a training prompt longer than ``rollout.max_prompt_length`` tokens
+    is left out (``drop``, verl's filter_overlong_prompts) or keeps its last tokens
+    (``truncate_left``, verl's ``data.truncation=left`` as in the SPPO authors' 7B run)."""
 
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
     format: str = "auto"
     instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    overlong_prompts: str = "drop"
     shuffle: bool = True
     eval_size: int = 400
 
     def check(self) -> None:
-        from megatron_sppo.data.prompts import FORMATS
+        from megatron_sppo.data.prompts import FORMATS, OVERLONG
 
         _choice("data.format", self.format, FORMATS)
+        _choice("data.overlong_prompts", self.overlong_prompts, OVERLONG)
         _positive(**{"data.eval_size": self.eval_size})
 
 
 @dataclass
 class RewardConfig:
-    """``function``: the default reward function (``math``, ``math_answer``, ``arithmetic``
-    or ``package.module:function``); ``routes``: data_source -> function.
+    """``function``: the default reward function (``math``, ``math_answer``, ``math_auto``,
+    ``arithmetic`` or ``package.module:function``); ``routes``: data_source -> function
+    (``math_dapo`` -> ``math_auto`` is built in: the check the prompt asks for).
     ``correct``/``incorrect``/``no_answer`` pay verdicts; ``format_penalty`` is subtracted
     when a response's format is off (for ``math``: not exactly one boxed answer after the
     think block). ``require_think_close``: think-mode models, where a response that never

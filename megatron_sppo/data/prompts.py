@@ -4,28 +4,36 @@
 Layouts (``format``; ``auto`` detects it from the first record):
 
 - ``verl``: ``prompt`` is a chat-messages list, ``reward_model.ground_truth``, ``data_source``
-  (verl's parquet). DAPO-Math-17k ships in it (``data_source: math_dapo``, a prompt asking
-  for an "Answer:" line, which the reward registry checks by default); prompts are used as
-  given.
-- ``dapo``: DAPO-Math-17k rewritten for a boxed answer: the bare problem is cut out of
-  DAPO's prompt and gets the configured instruction, ``data_source`` becomes ``math``.
+  (verl's parquet); prompts are used as given. DAPO-Math-17k ships in it with
+  ``data_source: math_dapo``, both as published (a prompt asking for an "Answer:" line) and
+  as the SPPO authors train on it (``dapo-math-17k_dedup.parquet``: the same problems asking
+  for ``\\boxed{}``); the reward registry checks what each prompt asks for.
+- ``dapo``: DAPO-Math-17k rewritten for a boxed answer, from either form: the bare problem
+  is cut out of the prompt, cleaned up as the SPPO authors did (``transformer_dapo_prmopt.py``:
+  blank lines become spaces) and gets the configured instruction (theirs is
+  :data:`DAPO_INSTRUCTION`); ``data_source`` becomes ``math``.
 - ``deepscaler``: ``{problem, answer}``.
 - ``math``: ``{problem, solution}``; the ground truth is the last boxed answer of the solution.
 - ``plain``: ``{prompt, answer}``.
 
 Text prompts get the instruction suffix appended (default: the R1 evaluation instruction).
 HF ``datasets`` need not be installed: a saved dataset is Arrow IPC files that pyarrow reads.
+A ground truth with an unclosed brace (Minerva-Math's ``\\frac{dM``) is reported when loaded:
+no answer can match it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_sppo.errors import UserError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 FORMATS = ("auto", "verl", "dapo", "deepscaler", "math", "plain")
@@ -41,6 +49,12 @@ DAPO_HEAD = ("Solve the following math problem step by step. The last line of yo
              "should be of the form Answer: $Answer (without quotes) where $Answer is the "
              "answer to the problem.")
 DAPO_TAIL = 'Remember to put your answer on its own line after "Answer:".'
+# The SPPO authors' replacement for DAPO_TAIL (their transformer_dapo_prmopt.py), also the
+# instruction of every prompt in their evaluation files.
+DAPO_INSTRUCTION = "Please output the final answer within \\boxed{}."
+# What to do with a prompt longer than rollout.max_prompt_length (data.overlong_prompts):
+# leave it out, or keep its last tokens (verl's data.truncation=left, the authors' 7B run).
+OVERLONG = ("drop", "truncate_left")
 # Row fields kept as metadata (difficulty, subject, ids) for metrics and user rewards.
 METADATA_FIELDS = ("level", "type", "subject", "id", "unique_id", "extra_info", "ability")
 
@@ -178,12 +192,21 @@ def _field(row: dict, name: str, fmt: str, where: str):
     return value
 
 
-def _dapo_problem(messages: list, where: str) -> str:
-    text = messages[-1]["content"].strip()
-    if not (text.startswith(DAPO_HEAD) and text.endswith(DAPO_TAIL)):
-        raise UserError(f"{where}: the prompt is not DAPO-Math-17k's wrapper "
-                        f"({DAPO_HEAD[:40]}...); use format verl for this data")
-    return text[len(DAPO_HEAD):-len(DAPO_TAIL)].strip()
+def _dapo_prompt(messages: list, instruction: str, where: str) -> str:
+    """A DAPO-Math-17k prompt, as published or as the SPPO authors rewrote it, brought to
+    their form (transformer_dapo_prmopt.py: blank lines become spaces, the "Answer:" sentences
+    give way to :data:`DAPO_INSTRUCTION`) with ``instruction`` in place of theirs: with their
+    instruction the text is theirs to the character; with none, the bare problem."""
+    text = messages[-1]["content"]
+    if text.lstrip().startswith(DAPO_HEAD) and text.rstrip().endswith(DAPO_TAIL):
+        text = (text.replace("\n\n", " ").replace(DAPO_TAIL, DAPO_INSTRUCTION)
+                .replace(DAPO_HEAD + " ", "")).rstrip()
+    if not text.endswith(DAPO_INSTRUCTION):
+        raise UserError(f"{where}: the prompt is neither DAPO-Math-17k's wrapper "
+                        f"({DAPO_HEAD[:40]}...) nor ends with {DAPO_INSTRUCTION!r} as the "
+                        "SPPO authors' copy does; use format verl for this data")
+    body = text[:-len(DAPO_INSTRUCTION)]
+    return body + instruction if instruction else body.strip()
 
 
 def row_to_record(row: dict, fmt: str, *, instruction: str, index: int,
@@ -204,7 +227,7 @@ def row_to_record(row: dict, fmt: str, *, instruction: str, index: int,
         reward_model = _field(row, "reward_model", fmt, where)
         truth = answer_text(_field(reward_model, "ground_truth", fmt, where))
         if fmt == "dapo":
-            return PromptRecord(ask(_dapo_problem(messages, where)), truth, "math",
+            return PromptRecord(_dapo_prompt(messages, instruction, where), truth, "math",
                                 {**metadata, "original_data_source": source}, index)
         return PromptRecord([dict(m) for m in messages], truth, source, metadata, index)
     if fmt == "deepscaler":
@@ -238,10 +261,26 @@ def load_prompt_records(files: list[str], format: str = "auto",
         if not rows:
             raise UserError(f"prompt data {name} holds no records: check the file")
         fmt = detect_format(rows[0], f"{name}: record 0") if format == "auto" else format
+        start = len(records)
         for i, row in enumerate(rows):
             records.append(row_to_record(row, fmt, instruction=instruction,
                                          index=len(records), where=f"{name}: record {i}"))
+        warn_truncated_ground_truths(records[start:], str(name))
     return records
+
+
+def warn_truncated_ground_truths(records: list[PromptRecord], where: str) -> int:
+    """How many ground truths have an unclosed brace (cut while the file was made: the
+    SPPO authors' Minerva-Math holds 68 of 272, e.g. ``\\frac{dM``); warns when any do."""
+    from megatron_sppo.rewards.math import unclosed_brace
+
+    cut = [r.ground_truth for r in records if unclosed_brace(r.ground_truth)]
+    if cut:
+        log.warning("%s: %d of %d ground truths are cut at a brace (e.g. %s): no answer can "
+                    "match them, so accuracy on this file cannot exceed %.1f%%", where,
+                    len(cut), len(records), ", ".join(cut[:3]),
+                    100 * (1 - len(cut) / len(records)))
+    return len(cut)
 
 
 # ---- chat template and length filter -------------------------------------------------------
@@ -273,11 +312,26 @@ def chat_prompt_lengths(tokenizer, prompts: list) -> list[int]:
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
+def truncate_left(ids: list[int], max_tokens: int) -> list[int]:
+    """The last ``max_tokens`` ids (verl's ``data.truncation=left``): the chat template's
+    start goes first, the question's end and the generation prompt stay."""
+    return ids[-max_tokens:] if len(ids) > max_tokens else ids
+
+
 def filter_by_length(records: list[PromptRecord], tokenizer, max_tokens: int,
-                     report=print) -> list[PromptRecord]:
-    """Drop prompts longer than ``max_tokens`` under the chat template; ``report`` gets one
-    line with the count when any are dropped."""
+                     report=print, overlong: str = "drop") -> list[PromptRecord]:
+    """Drop prompts longer than ``max_tokens`` under the chat template, or with
+    ``overlong="truncate_left"`` keep them (they are cut to their last ``max_tokens``
+    tokens when tokenized for a step); ``report`` gets one line with the count."""
+    if overlong not in OVERLONG:
+        raise UserError(f"data.overlong_prompts={overlong!r}: use one of {', '.join(OVERLONG)}")
     lengths = chat_prompt_lengths(tokenizer, [r.prompt for r in records])
+    if overlong == "truncate_left":
+        longer = sum(n > max_tokens for n in lengths)
+        if longer and report is not None:
+            report(f"{longer} of {len(records)} prompts are longer than {max_tokens} tokens: "
+                   "they keep their last tokens")
+        return records
     kept = [r for r, n in zip(records, lengths, strict=True) if n <= max_tokens]
     dropped = len(records) - len(kept)
     if not kept:

@@ -12,7 +12,13 @@ that, the last ``\\boxed{}`` of ``solution``:
 - MATH500 ``HuggingFaceH4/MATH-500``: problem, solution, answer, subject, level, unique_id (500).
 - Minerva-Math ``math-ai/minervamath``: question, answer; the original release has problem
   and solution with a boxed answer (272).
-- any of them in verl's parquet layout (prompt messages, reward_model.ground_truth).
+- any of them in verl's parquet layout (prompt messages, reward_model.ground_truth), as the
+  SPPO authors publish theirs (``data/offline_eval/*.parquet`` in 1BIMU/SPPO: AIME24 repeated
+  8 times, 240 rows; AIME25; AMC23; MATH500; Minerva-Math with 68 of its 272 ground truths
+  cut at a brace). Their prompts already carry the instruction and are used as given.
+
+A ground truth cut at a brace is reported when the file is loaded and counted in the
+results (``truncated_ground_truths``): no answer can match it, so it caps the benchmark's score.
 
 Files are JSONL, JSON, Parquet or ``datasets.save_to_disk`` folders, as for training data.
 """
@@ -25,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_sppo.data.prompts import (DEFAULT_INSTRUCTION, PromptRecord, answer_text,
-                                        detect_format, read_rows, row_to_record)
+                                        detect_format, read_rows, row_to_record,
+                                        warn_truncated_ground_truths)
 from megatron_sppo.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -111,8 +118,10 @@ def load_benchmark(name: str, path: str | Path,
                                 where=f"{path}: record {i}") for i, row in enumerate(rows)]
     expected = BENCHMARKS[key].size
     if len(records) != expected:
-        log.warning("%s: %d problems in %s, the standard release has %d",
-                    BENCHMARKS[key].title, len(records), path, expected)
+        distinct = len({repr(r.prompt) for r in records})
+        log.warning("%s: %d problems in %s (%d distinct), the standard release has %d",
+                    BENCHMARKS[key].title, len(records), path, distinct, expected)
+    warn_truncated_ground_truths(records, f"{BENCHMARKS[key].title} ({path})")
     return records
 
 

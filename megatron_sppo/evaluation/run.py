@@ -34,9 +34,11 @@ def evaluate(engine, problems: dict[str, list[PromptRecord]] | list[PromptRecord
     by default a ``math`` scorer is made and closed here. Returns ``{"k", "sampling",
     "benchmarks": {name: metrics}, "average": {...}}``; each benchmark's metrics are
     :func:`~megatron_sppo.evaluation.metrics.summarize`'s plus ``no_answer_rate``,
-    ``reward_timeouts`` and ``correct_per_problem``.
+    ``reward_timeouts``, ``truncated_ground_truths`` (problems whose ground truth is cut at a
+    brace: no answer can match them) and ``correct_per_problem``.
     """
     from megatron_sppo.rewards import RewardScorer
+    from megatron_sppo.rewards.math import unclosed_brace
 
     if isinstance(problems, list):
         problems = {"eval": problems}
@@ -67,6 +69,7 @@ def evaluate(engine, problems: dict[str, list[PromptRecord]] | list[PromptRecord
                             [[s.truncated for s in per] for per in ours], pass_ks)
         metrics["no_answer_rate"] = status.count("no_answer") / len(status)
         metrics["reward_timeouts"] = status.count("timeout")
+        metrics["truncated_ground_truths"] = sum(unclosed_brace(r.ground_truth) for r in recs)
         metrics["correct_per_problem"] = [int(sum(o)) for o in outcomes]
         benchmarks[name] = metrics
         start += len(recs)
@@ -110,6 +113,12 @@ def markdown_table(results: dict) -> str:
     lines.append(f"| **Average** | | {100 * results['average'][f'avg@{k}']:.2f} |"
                  + " |" * (len(cols) + 2))
     t = results["sampling"]
+    for name, m in results["benchmarks"].items():
+        cut, problems = m.get("truncated_ground_truths", 0), m["problems"]
+        if cut:
+            lines += ["", f"{_title(name)}: {cut} of {problems} ground truths are cut at a "
+                      "brace, so no answer matches them: its score cannot exceed "
+                      f"{100 * (1 - cut / problems):.2f}."]
     lines.append("")
     lines.append(f"k = {k} samples per problem, temperature {t['temperature']}, "
                  f"top_p {t['top_p']}, max {t['max_new_tokens']} new tokens; rates in %, "

@@ -10,7 +10,12 @@ answer it only mumbled while thinking. In that final part the answer is
 - ``mode="boxed"``: the last ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces, escaped
   ``\\{ \\}``), or ``\\boxed 5`` without braces. An unbalanced last box (a truncated answer)
   is no answer; so is an empty box.
-- ``mode="answer"``: the last "Answer: ..." line, as DAPO-Math-17k's prompt asks for.
+- ``mode="answer"``: the last "Answer: ..." line, as DAPO-Math-17k's prompt asks for; a
+  response without one is read as in boxed mode (its last box).
+- ``mode="prompt"`` (reward functions only): the mode the prompt asks for. DAPO-Math-17k as
+  published ends with 'Remember to put your answer on its own line after "Answer:".', the
+  SPPO authors' rewrite of it (their ``dapo-math-17k_dedup.parquet``) and every other boxed
+  prompt with "... within \\boxed{}.": whichever of the two the prompt mentions last decides.
 
 Equivalence is math-verify's ``verify`` on both sides parsed as LaTeX (numbers, fractions,
 percentages, units, intervals, sets, tuples, matrices, expressions), after a small
@@ -20,23 +25,31 @@ math-verify cannot parse is compared as text and reported (``gt_unparsed``).
 
 math-verify's own timeouts are SIGALRM-based (main thread only, and unable to interrupt a
 huge integer power inside C), so they are off here: the worker pool
-(:mod:`megatron_sppo.rewards.pool`) enforces the time limit by killing the worker.
+(:mod:`megatron_sppo.rewards.pool`) enforces the time limit by killing the worker. The
+one-sample :func:`math_reward` does the same through a worker pool of its own, started on
+first use and shared by every later call.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
+import os
 import re
+import threading
 from typing import NamedTuple
 
 from math_verify import parse, verify
+
+from megatron_sppo.rewards.pool import WorkerPool, in_worker
 
 # Every call with timeouts off logs a warning; the pool enforces the limits instead.
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 END_THINK = "</think>"
 MODES = ("boxed", "answer")
+TIMEOUT_S = 5.0  # the one-sample limit; RewardConfig.timeout_s has the same default
 
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _ANSWER = re.compile(r"(?<![A-Za-z])answer\**\s*[:：]\**[ \t]*([^\n]*)", re.IGNORECASE)
@@ -72,6 +85,19 @@ def _braced(text: str, start: int) -> str | None:
                 return text[start + 1:i]
         i += 1
     return None
+
+
+def unclosed_brace(text: str) -> bool:
+    """True when a brace group of ``text`` never closes (escaped ``\\{``/``\\}`` do not
+    count): a ground truth cut there, like Minerva-Math's ``\\frac{dM``, matches no answer."""
+    depth, i = 0, 0
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        i += 1
+    return depth > 0
 
 
 def last_boxed(text: str) -> str | None:
@@ -113,16 +139,30 @@ def extract_answer(response: str, mode: str = "boxed",
     part = final_part(response, require_think_close)
     if part is None:
         return None
-    return last_boxed(part) if mode == "boxed" else _last_answer_line(part)
+    return (mode == "answer" and _last_answer_line(part)) or last_boxed(part)
 
 
 def count_answer_marks(response: str, mode: str = "boxed") -> int:
-    """How many answers the final part states (boxes or "Answer:" lines): the format check
-    of the optional format penalty is that there is exactly one."""
+    """How many answers the final part states (boxes, or "Answer:" lines when there are
+    any in answer mode): the format check of the optional format penalty is that there is
+    exactly one."""
     part = final_part(response) or ""
-    if mode == "boxed":
-        return len(_BOX.findall(part))
-    return sum(1 for m in _ANSWER.finditer(part) if m.group(1).strip())
+    lines = sum(1 for m in _ANSWER.finditer(part) if m.group(1).strip())
+    return lines if mode == "answer" and lines else len(_BOX.findall(part))
+
+
+def prompt_text(prompt) -> str:
+    """A prompt's text: the string itself, or its chat messages' contents."""
+    if isinstance(prompt, list):
+        return "\n".join(str(m.get("content", "")) for m in prompt if isinstance(m, dict))
+    return prompt if isinstance(prompt, str) else ""
+
+
+def requested_mode(prompt) -> str:
+    """``answer`` when the prompt's last answer instruction is DAPO's "Answer:" line,
+    ``boxed`` otherwise (also when it names neither)."""
+    text = prompt_text(prompt)
+    return "answer" if text.rfind("Answer:") > text.rfind("\\boxed") else "boxed"
 
 
 def normalize(answer: str) -> str:
@@ -171,7 +211,10 @@ def check_answer(answer: str, gold: Gold) -> bool:
 def math_verdict(prompt, response: str, ground_truth, metadata=None, *, mode: str = "boxed",
                  require_think_close: bool = False) -> dict | None:
     """The built-in reward function (registry signature): None when the response has no
-    answer, else ``{"correct", "format_ok", "gt_unparsed"}``."""
+    answer, else ``{"correct", "format_ok", "gt_unparsed"}``. ``mode="prompt"`` reads the
+    answer the way ``prompt`` asks for it (:func:`requested_mode`)."""
+    if mode == "prompt":
+        mode = requested_mode(prompt)
     answer = extract_answer(response, mode, require_think_close)
     if answer is None:
         return None
@@ -181,13 +224,37 @@ def math_verdict(prompt, response: str, ground_truth, metadata=None, *, mode: st
             "gt_unparsed": 0.0 if gold.parsed else 1.0}
 
 
+_one_sample = {"pool": None, "pid": None, "lock": threading.Lock()}
+
+
+def _one_sample_pool() -> WorkerPool:
+    """One worker, started on first use (its imports take seconds) and closed at exit; a
+    forked child starts its own (the parent's pipes are not its to use)."""
+    if _one_sample["pool"] is None or _one_sample["pid"] != os.getpid():
+        pool = WorkerPool(workers=1, timeout_s=TIMEOUT_S, preload=(math_verdict,))
+        atexit.register(pool.close)
+        _one_sample.update(pool=pool, pid=os.getpid())
+    return _one_sample["pool"]
+
+
 def math_reward(response: str, ground_truth: str, *, mode: str = "boxed",
-                require_think_close: bool = False) -> float:
+                require_think_close: bool = False, timeout_s: float = TIMEOUT_S) -> float:
     """1.0 when the response's final answer equals ``ground_truth`` mathematically, else 0.0.
 
-    One sample, in this process and without a time limit: for training and evaluation use
-    :class:`megatron_sppo.rewards.RewardScorer`, which scores batches in the time-limited pool.
+    One sample, checked in a worker process with the scorer's limit: a check that runs past
+    ``timeout_s`` seconds scores 0.0 (its worker is killed and replaced). Called by a user
+    reward function that a :class:`megatron_sppo.rewards.RewardScorer` runs, it checks in
+    place: the scorer's worker is already timed. Batches go faster through the scorer and its
+    pool of several workers.
     """
-    verdict = math_verdict(None, response, ground_truth, mode=mode,
-                           require_think_close=require_think_close)
+    if mode not in MODES:
+        raise ValueError(f"answer mode {mode!r}: use one of {MODES}")
+    check = functools.partial(math_verdict, mode=mode, require_think_close=require_think_close)
+    if in_worker():
+        verdict = check(None, response, ground_truth)
+    else:
+        with _one_sample["lock"]:
+            result = _one_sample_pool().run([(check, (None, response, ground_truth))],
+                                            timeout_s)
+        verdict = result.values[0]
     return 1.0 if verdict and verdict["correct"] else 0.0

@@ -31,6 +31,13 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
 OK, TIMEOUT, CRASH = "ok", "timeout", "crash"
+_worker = {"inside": False}  # True in a worker process: its pool's limit covers all it runs
+
+
+def in_worker() -> bool:
+    """Whether this process is a pool worker (whose checks its parent already times, and
+    which, as a daemon process, cannot start workers of its own)."""
+    return _worker["inside"]
 
 
 class TaskError(Exception):
@@ -62,6 +69,7 @@ def _serve(conn, preload) -> None:
     """Worker main loop. ``preload`` (the functions this pool will run) was unpickled before
     this runs, so its modules are imported by the time the worker says ready."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _worker["inside"] = True
     del preload
     conn.send(("ready",))
     while True:
@@ -142,9 +150,13 @@ class WorkerPool:
         self._kill(w)
         self._workers[self._workers.index(w)] = self._spawn()
 
-    def run(self, tasks: list[tuple]) -> PoolResult:
+    def run(self, tasks: list[tuple], timeout_s: float | None = None) -> PoolResult:
         """Run every task; the first :class:`TaskError` is raised once the tasks already
-        handed out have finished (so the workers stay clean for the next call)."""
+        handed out have finished (so the workers stay clean for the next call).
+        ``timeout_s`` overrides the pool's limit for this call."""
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        if limit <= 0:
+            raise ValueError(f"timeout_s={limit}: need > 0")
         n = len(tasks)
         values, status = [None] * n, [None] * n
         pending, errors = deque(range(n)), []
@@ -162,7 +174,7 @@ class WorkerPool:
                         w.conn.send((sys.path, [(i, pickle.dumps(tasks[i])) for i in take]))
                         w.assigned.extend(take)
                         w.since = now
-                deadlines = [w.since + self.timeout_s for w in self._workers if w.assigned]
+                deadlines = [w.since + limit for w in self._workers if w.assigned]
                 deadlines += [w.started + self.start_timeout_s for w in self._workers
                               if not w.ready]
                 if not deadlines:
@@ -174,7 +186,7 @@ class WorkerPool:
                     self._drain(w, values, status, pending, errors)
                 now = time.monotonic()
                 for w in list(self._workers):
-                    if w.assigned and now - w.since > self.timeout_s:
+                    if w.assigned and now - w.since > limit:
                         self._replace(w, TIMEOUT, status, pending)
                     elif not w.ready and now - w.started > self.start_timeout_s:
                         self._workers.remove(w)

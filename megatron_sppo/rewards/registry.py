@@ -12,8 +12,11 @@ A reward function is ``fn(prompt, response, ground_truth, metadata)`` returning 
   into ``reward/<name>``.
 
 Built in: ``math`` (last boxed answer, math-verify), ``math_answer`` (the last "Answer:"
-line, which DAPO-Math-17k's prompt asks for; samples with ``data_source == "math_dapo"``
-use it by default when the main function is ``math``) and ``arithmetic`` (the demo task).
+line, which DAPO-Math-17k's prompt asks for, else the last box), ``math_auto`` (whichever of
+the two the sample's prompt asks for) and ``arithmetic`` (the demo task). Samples with
+``data_source == "math_dapo"`` use ``math_auto`` by default when the main function is
+``math``: that data_source names both DAPO-Math-17k as published (an "Answer:" line) and the
+SPPO authors' rewrite of it (a boxed answer), so only the prompt tells which check is right.
 Anything else is ``package.module:function``, imported now so a typo fails before training.
 
 Every result carries two numbers: the reward the advantage uses, and the 0/1 correctness
@@ -41,7 +44,7 @@ from megatron_sppo.rewards.pool import CRASH, OK, TaskError, WorkerPool
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ROUTES = {"math_dapo": "math_answer"}
+DEFAULT_ROUTES = {"math_dapo": "math_auto"}
 RESERVED_KEYS = ("score", "correct", "format_ok")
 
 
@@ -66,6 +69,8 @@ def builtin_functions(cfg: RewardConfig) -> dict:
     return {"math": functools.partial(math_verdict, mode="boxed", require_think_close=think),
             "math_answer": functools.partial(math_verdict, mode="answer",
                                              require_think_close=think),
+            "math_auto": functools.partial(math_verdict, mode="prompt",
+                                           require_think_close=think),
             "arithmetic": arithmetic_verdict}
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sppo.config import Config
-from megatron_sppo.data.prompts import chat_prompt_ids
+from megatron_sppo.data.prompts import chat_prompt_ids, truncate_left
 from megatron_sppo.errors import UserError
 from megatron_sppo.rewards import Scored
 from megatron_sppo.rollout.engine import Sample, SamplingParams
@@ -54,8 +54,14 @@ class Components:
 
     # ---- phases ------------------------------------------------------------------------
 
-    def prompt_ids(self, records) -> list[list[int]]:
-        return [chat_prompt_ids(self.tokenizer, r.prompt) for r in records]
+    def prompt_ids(self, records, tokenizer=None) -> list[list[int]]:
+        """The prompts under the chat template of ``tokenizer`` (the policy's by default),
+        cut to their last ``rollout.max_prompt_length`` tokens when
+        ``data.overlong_prompts=truncate_left``."""
+        ids = [chat_prompt_ids(tokenizer or self.tokenizer, r.prompt) for r in records]
+        if self.cfg.data.overlong_prompts == "truncate_left":
+            ids = [truncate_left(x, self.cfg.rollout.max_prompt_length) for x in ids]
+        return ids
 
     def sampling(self, seed: int, greedy: bool = False) -> SamplingParams:
         r = self.cfg.rollout
@@ -126,7 +132,9 @@ class Components:
 
 def make_step_batch(c: Components, cfg: Config, records, rollouts: dict,
                     scored: Scored) -> StepBatch:
-    """Flatten n samples per prompt into one row each; apply the truncation policy."""
+    """Flatten n samples per prompt into one row each; apply the truncation policy: with
+    ``algorithm.truncated_reward`` set, a truncated response gets that reward and counts as
+    incorrect for the critic, whose V must estimate the chance of the reward A = R - V uses."""
     prompt_ids = c.prompt_ids(records)
     rows_prompt, rows_resp, rows_lp, group, truncated = [], [], [], [], []
     for i, samples in enumerate(rollouts["samples"]):
@@ -141,20 +149,22 @@ def make_step_batch(c: Components, cfg: Config, records, rollouts: dict,
                            pad_id=c.tokenizer.pad_token_id or 0)
     truncated_t = torch.tensor(truncated, dtype=torch.bool)
     rewards = torch.tensor(scored.rewards, dtype=torch.float32)
+    correctness = torch.tensor(scored.correctness, dtype=torch.float32)
     if cfg.algorithm.truncated_reward is not None:
         rewards = torch.where(truncated_t, cfg.algorithm.truncated_reward, rewards)
+        correctness = torch.where(truncated_t, 0.0, correctness)
     loss_mask = tensors.response_mask
     if not cfg.algorithm.truncated_in_loss:
         loss_mask = loss_mask * (~truncated_t).float()[:, None]
     batch = StepBatch(tensors=tensors, group_index=torch.tensor(group), rewards=rewards,
-                      correctness=torch.tensor(scored.correctness, dtype=torch.float32),
+                      correctness=correctness,
                       truncated=truncated_t, loss_mask=loss_mask)
     if "greedy_rewards" in scored.metrics:
         greedy = torch.tensor(scored.metrics.pop("greedy_rewards"), dtype=torch.float32)
         batch.greedy_rewards = greedy[batch.group_index]
     if c.critic is not None and cfg.algorithm.estimator == "sppo":
         critic_ids = (prompt_ids if c.critic_tokenizer is None else
-                      [chat_prompt_ids(c.critic_tokenizer, r.prompt) for r in records])
+                      c.prompt_ids(records, c.critic_tokenizer))
         ids, lengths = pad_prompts([critic_ids[g] for g in group])
         batch.critic_prompt_ids, batch.critic_prompt_lengths = ids, lengths
     return batch

@@ -11,7 +11,6 @@ import re
 import torch
 import torch.distributed as dist
 
-from megatron_sppo.data.prompts import chat_prompt_ids
 from megatron_sppo.trainer.collectives import broadcast_object
 
 
@@ -36,15 +35,18 @@ def critic_eval_metrics(logits: torch.Tensor, outcomes: torch.Tensor) -> dict:
 
 def per_level(records, outcomes: torch.Tensor, greedy_right: torch.Tensor) -> dict:
     """Sampled and greedy pass@1 per difficulty level (``metadata["level"]``, as the
-    arithmetic task and MATH carry it): which problems RL made solvable."""
-    levels: dict[str, list[int]] = {}
+    arithmetic task and MATH carry it: which problems RL made solvable) and per evaluation
+    file (``metadata["eval_file"]``: one benchmark each, as the paper reports them)."""
+    groups: dict[str, list[int]] = {}
     for i, r in enumerate(records):
-        if "level" in r.metadata:
-            levels.setdefault(re.sub(r"\W+", "_", str(r.metadata["level"])), []).append(i)
+        for key, prefix in (("level", "level_"), ("eval_file", "")):
+            if key in r.metadata:
+                name = prefix + re.sub(r"\W+", "_", str(r.metadata[key]))
+                groups.setdefault(name, []).append(i)
     out = {}
-    for level, rows in sorted(levels.items()):
-        out[f"pass1_sampled/level_{level}"] = outcomes[rows].mean().item()
-        out[f"pass1_greedy/level_{level}"] = greedy_right[rows].mean().item()
+    for name, rows in sorted(groups.items()):
+        out[f"pass1_sampled/{name}"] = outcomes[rows].mean().item()
+        out[f"pass1_greedy/{name}"] = greedy_right[rows].mean().item()
     return out
 
 
@@ -82,7 +84,7 @@ def evaluate_heldout(c, records, k: int, seed: int) -> dict:
     outcomes = result.pop("outcomes")
     if c.critic is not None and c.cfg.algorithm.estimator == "sppo":
         tok = c.critic_tokenizer or c.tokenizer
-        ids, lengths = pad_prompts([chat_prompt_ids(tok, rec.prompt) for rec in records])
+        ids, lengths = pad_prompts(c.prompt_ids(records, tok))
         probe = rl_step.StepBatch(
             tensors=None, group_index=torch.arange(len(records)),
             rewards=torch.zeros(len(records)), correctness=torch.zeros(len(records)),

@@ -60,7 +60,8 @@ def policy_forward_backward(model, batch: PolicyBatch, *, vocab_size: int, tempe
         rows, mb = item
         logprobs, entropy = token_logprobs_and_entropy(
             output[:, :-1], mb.input_ids[:, 1:], vocab_size=vocab_size,
-            temperature=temperature, with_entropy=not forward_only)
+            temperature=temperature, with_entropy=not forward_only,
+            entropy_grad=loss_cfg.entropy_coef != 0)  # a metric only without the bonus
         if forward_only:
             return logprobs.sum(), 1, {"rows": rows, "logprobs": logprobs.detach()}
         out = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, loss_cfg,

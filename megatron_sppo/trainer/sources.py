@@ -4,6 +4,8 @@ synthetic task), the reward registry, and the held-out evaluation."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from megatron_sppo.config import Config
 from megatron_sppo.errors import UserError
 
@@ -32,8 +34,19 @@ def load_records(cfg: Config, files: list[str], split: str) -> list:
                              index=i) for i, r in enumerate(raw)]
     if BUILTIN_ARITHMETIC in files:
         raise UserError(f"data files: {BUILTIN_ARITHMETIC} cannot be mixed with files")
-    return load_prompt_records(files, format=cfg.data.format,
-                               instruction=cfg.data.instruction)
+
+    def load(names):
+        return load_prompt_records(names, format=cfg.data.format,
+                                   instruction=cfg.data.instruction)
+
+    if split != "eval" or len(files) == 1:
+        return load(files)
+    records = []
+    for f in files:  # one benchmark a file: its metrics are reported one by one
+        for r in load([f]):
+            r.index, r.metadata["eval_file"] = len(records), Path(f).stem
+            records.append(r)
+    return records
 
 
 def build_prompt_source(cfg: Config, tokenizer):
@@ -43,7 +56,8 @@ def build_prompt_source(cfg: Config, tokenizer):
         raise UserError("config key data.train_files is empty: list prompt files (JSONL, "
                         f"Parquet, HF datasets on disk) or {BUILTIN_ARITHMETIC}")
     records = load_records(cfg, cfg.data.train_files, "train")
-    records = filter_by_length(records, tokenizer, cfg.rollout.max_prompt_length)
+    records = filter_by_length(records, tokenizer, cfg.rollout.max_prompt_length,
+                               overlong=cfg.data.overlong_prompts)
     return PromptIterator(records, seed=cfg.trainer.seed, shuffle=cfg.data.shuffle)
 
 
