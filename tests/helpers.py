@@ -32,23 +32,24 @@ ZOO["llama_rope_llama3"] = dict(family="llama", rope_scaling=LLAMA3_ROPE,
 
 
 def run(cmd: list[str], timeout: int = 600, check: bool = True,
-        env: dict | None = None) -> subprocess.CompletedProcess:
+        env: dict | None = None, input: str | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=REPO)
+                          timeout=timeout, env=full_env, cwd=REPO, input=input)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
-def torchrun(script: str, nproc: int, *args, timeout: int = 600) -> list[dict]:
+def torchrun(script: str, nproc: int, *args, timeout: int = 600,
+             env: dict | None = None) -> list[dict]:
     """Run tests/dist/<script> (or a module with -m) on ``nproc`` gloo ranks; parse RESULTs."""
     from megatron_sppo.runtime.distributed import free_port
 
     target = ["-m", script[3:]] if script.startswith("-m ") else [DIST / script]
     proc = run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                f"--master-port={free_port()}", *target, *args], timeout=timeout)
+                f"--master-port={free_port()}", *target, *args], timeout=timeout, env=env)
     return [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
             if line.startswith("RESULT ")]
 

@@ -321,7 +321,8 @@ def _get_data(self):
 def _set_data(self, value):
     """``t.data = v``: v's data under t's identity. Between host and device (megatron's
     optimizer offload does ``p.data = p.data.cpu()``) the tensor changes kind in place,
-    keeping its attributes, as a CUDA tensor changes device."""
+    keeping its attributes, as a CUDA tensor changes device (its ``.grad``, on the old
+    device, is dropped)."""
     if not isinstance(self, DeviceTensor) and not isinstance(value, DeviceTensor):
         return _DATA.__set__(self, value)
     if isinstance(self, DeviceTensor) and isinstance(value, DeviceTensor):

@@ -139,7 +139,10 @@ def _collective(name: str, tensor_args: tuple[str, ...]):
         for arg in tensor_args:
             if arg in bound.arguments:
                 bound.arguments[arg] = _prepare(bound.arguments[arg], group, name)
-        return original(*bound.args, **bound.kwargs)
+        # some collectives re-dispatch through torch-function handling to their public
+        # name (this wrapper); the checked host tensors must not come back here
+        with torch._C.DisableTorchFunction():
+            return original(*bound.args, **bound.kwargs)
 
     return wrapper
 

@@ -14,6 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from megatron_sppo.errors import UserError
@@ -26,13 +27,29 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
 
 
 def _sharded(models: dict, is_loading: bool) -> dict:
+    from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
+
     state = {}
     for name, model in models.items():
         model_sd = model.groups.sharded_state_dict(model.module, prefix=f"{name}.")
         state[name] = model_sd
-        state[f"{name}_optimizer"] = model.optimizer.sharded_state_dict(model_sd,
-                                                                        is_loading=is_loading)
+        optimizer_sd = model.optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=_optimizer_metadata(model))
+        if model.ddp.ddp_config.use_distributed_optimizer:
+            # its buffer keys name no model: the policy's and the critic's would collide
+            add_prefix_for_sharding(optimizer_sd, f"{name}.")
+        state[f"{name}_optimizer"] = optimizer_sd
     return state
+
+
+def _optimizer_metadata(model) -> dict:
+    """How the distributed optimizer shards its state: Megatron-LM's default layout
+    (``dp_reshardable``: each rank writes its own buffers; resumable at another
+    data-parallel size, not another TP/PP), over the model's own data-parallel group.
+    megatron-core's own default, ``fully_sharded_model_space``, is deprecated and cannot be
+    saved by its dist-checkpointing ("ShardedTensor.flattened_range is not supported")."""
+    return {"distrib_optim_sharding_type": "dp_reshardable",
+            "dp_cp_group": model.groups.pg.dp_cp}
 
 
 def save_training_checkpoint(output_dir: str | Path, step: int, models: dict,
@@ -78,10 +95,13 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return path
 
 
+@torch.no_grad()  # optimizer states load in place into parameter shards
 def load_training_checkpoint(path: str | Path, models: dict) -> dict:
     """Collective: load models, optimizers and schedulers in place; returns the run state."""
     from megatron.core import dist_checkpointing
 
+    for model in models.values():
+        _materialize_distributed_optimizer(model.optimizer)
     sharded = _sharded(models, is_loading=True)
     sharded["run"] = None  # common entries come back as saved
     loaded = dist_checkpointing.load({k: v for k, v in sharded.items() if v is not None},
@@ -92,8 +112,40 @@ def load_training_checkpoint(path: str | Path, models: dict) -> dict:
     for name, model in models.items():
         model.module.load_state_dict(_strip(loaded[name], f"{name}."), strict=False)
         model.optimizer.load_state_dict(loaded[f"{name}_optimizer"])
+        _restore_adam_steps(model.optimizer)
         model.scheduler.load_state_dict(run["schedulers"][name])
     return run
+
+
+def _materialize_distributed_optimizer(optimizer) -> None:
+    """A distributed optimizer that has not stepped yet gets placeholder states to load into
+    (megatron-core's own ``_init_optimizer_states_with_dummy_values``): without Apex or
+    Transformer Engine its ``state_dict()`` reads the step count from them."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """torch Adam's per-parameter ``step`` after a distributed-optimizer load. Without Apex or
+    Transformer Engine megatron-core 0.19 gives every parameter the same step tensor (so each
+    later step is counted once per parameter) and then copies the placeholder's value over
+    it with the other state tensors (``_set_main_param_and_optimizer_states``); the param
+    groups keep the saved count. One tensor per parameter, as torch's Adam keeps them."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer):
+            continue
+        steps = {g["step"] for g in opt.optimizer.param_groups if "step" in g}
+        if len(steps) != 1:
+            continue
+        step = float(steps.pop())
+        for state in opt.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = torch.full_like(state["step"], step)
 
 
 def _strip(state: dict, prefix: str) -> dict:
