@@ -41,6 +41,11 @@ class ModelConfig:
     checkpoint: str | None = None
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # uneven pipeline stages, Megatron-LM's --decoder-first/last-pipeline-num-layers: the
+    # stages not given share the rest evenly; neither given and pp not dividing the layers:
+    # every stage L // pp layers, the first the remainder too (models/stages.py)
+    decoder_first_pipeline_num_layers: int | None = None
+    decoder_last_pipeline_num_layers: int | None = None
     params_dtype: str = "float32"
     lr: float = 1e-6
     min_lr: float = 0.0
