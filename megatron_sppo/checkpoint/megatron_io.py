@@ -104,10 +104,11 @@ class CheckpointInfo:
 
 
 def _first_hf_dir(candidates, iter_dir: Path, writer: str) -> Path:
+    candidates = list(dict.fromkeys(str(c) for c in candidates if c is not None))
     for candidate in candidates:
-        if candidate is not None and (Path(candidate) / "config.json").is_file():
+        if (Path(candidate) / "config.json").is_file():
             return Path(candidate)
-    named = ", ".join(str(c) for c in candidates if c is not None) or "none"
+    named = ", ".join(candidates) or "none"
     raise UserError(f"{iter_dir} ({writer} checkpoint) names no HF config.json that exists "
                     f"(looked in: {named}): pass --hf-config DIR with the model's original "
                     "config.json and tokenizer")
@@ -134,16 +135,18 @@ def describe_checkpoint(path: str | Path, hf_config: str | Path | None = None) -
         return CheckpointInfo(iter_dir, config_dir, arch, meta.get("model", "policy"),
                               "megatron_sppo")
     if (iter_dir / interop.RUN_CONFIG).is_file():
-        writer, run_config = "megatron-bridge", interop.read_run_config(iter_dir / interop.RUN_CONFIG)
+        writer = "megatron-bridge"
+        run_config = interop.read_run_config(iter_dir / interop.RUN_CONFIG)
         facts = interop.facts_from_run_config(run_config)
         named = interop.hf_dirs_named_in_run_config(run_config)
     else:
         args = _common_state(iter_dir).get("args")
-        if args is None:
+        if args is None and hf_config is None:
             raise UserError(f"{iter_dir} records no model (no {META_NAME}, {interop.RUN_CONFIG} "
                             "or Megatron-LM args): pass --hf-config DIR with the model's "
                             "original config.json and tokenizer")
-        writer, facts = "megatron-lm", interop.facts_from_args(args)
+        writer = "megatron-lm"
+        facts = interop.facts_from_args(args) if args is not None else {}
         named = [getattr(args, "tokenizer_model", None)]
     config_dir = _first_hf_dir([hf_config, own, *named], iter_dir, writer)
     arch = arch_from_hf_config(load_hf_config(config_dir))

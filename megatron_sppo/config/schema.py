@@ -33,7 +33,9 @@ def _positive(**values) -> None:
 
 @dataclass
 class ModelConfig:
-    """A Megatron model (policy or critic): where it starts, its layout, its optimizer, the
+    """A Megatron model (policy or critic): where it starts (an HF directory or a Megatron
+    checkpoint written by megatron-sppo, Megatron-LM or Megatron-Bridge), its layout (uneven
+    pipeline stages as Megatron-LM's --decoder-first/last-pipeline-num-layers), its optimizer, the
     memory settings a large model needs (recompute, sequence parallelism, distributed
     optimizer, optimizer CPU offload) and FP8 training (``fp8.format`` e4m3|hybrid,
     ``fp8.recipe`` delayed|tensorwise|blockwise|mxfp8; Transformer Engine on a GPU)."""

@@ -25,7 +25,8 @@ def use_transformer_engine() -> bool:
 
 
 def transformer_config(arch: ModelArch, *, tp: int = 1, pp: int = 1,
-                       params_dtype: torch.dtype | None = None, first_stage_layers: int | None = None,
+                       params_dtype: torch.dtype | None = None,
+                       first_stage_layers: int | None = None,
                        last_stage_layers: int | None = None, **overrides):
     """The TransformerConfig that reproduces the HF model exactly (dropout 0, RMSNorm, SwiGLU).
 
