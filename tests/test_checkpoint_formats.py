@@ -86,6 +86,30 @@ def _model(hf, padded: int, fill: bool = True):
     return arch, model
 
 
+# GPTModelProvider's own fields (NVIDIA-NeMo/Megatron-Bridge models/gpt_provider.py) that
+# run_config.yaml uses; every other model key must be a megatron-core TransformerConfig field
+BRIDGE_PROVIDER_FIELDS = {"share_embeddings_and_output_weights", "position_embedding_type",
+                          "rotary_base", "rotary_percent", "rope_scaling", "rope_scaling_factor",
+                          "vocab_size", "should_pad_vocab", "make_vocab_size_divisible_by",
+                          "seq_length", "hf_model_id"}
+
+
+def test_run_config_is_a_gpt_model_provider(zoo, tmp_path):
+    from megatron.core.transformer import TransformerConfig
+
+    _convert(zoo["llama_rope_llama3"], tmp_path / "mg")
+    config = yaml.safe_load((tmp_path / "mg/iter_0000000/run_config.yaml").read_text())
+    model = config["model"]
+    assert model["_target_"] == "megatron.bridge.models.gpt_provider.GPTModelProvider"
+    fields = set(TransformerConfig.__dataclass_fields__) | BRIDGE_PROVIDER_FIELDS
+    assert set(model) - {"_target_"} <= fields, set(model) - fields
+    assert model["activation_func"] == {"_target_": "torch.nn.functional.silu", "_call_": False}
+    assert (model["vocab_size"], model["should_pad_vocab"]) == (263, False)
+    assert model["rope_scaling"] is True and model["rope_scaling_factor"] == 8.0
+    hf_config = str(tmp_path / "mg/iter_0000000/hf_config")
+    assert model["hf_model_id"] == config["tokenizer"]["tokenizer_model"] == hf_config
+
+
 def _saved_at_padding(hf, out, padded: int, writer: str):
     """``hf`` stored with ``padded`` vocabulary rows the way ``writer`` leaves it:
     "megatron_sppo" (everything), "megatron-lm" (args, no megatron_sppo.json), "bridge"

@@ -122,24 +122,24 @@ def test_what_megatron_lm_saved_converts_to_hf_bit_identically(megatron_lm_run, 
     assert config == json.loads((hf / "config.json").read_text())
 
 
-def test_megatron_sppo_trains_from_what_megatron_lm_saved(megatron_lm_run, megatron_tp1,
-                                                          monkeypatch):
-    """The saved checkpoint as policy.checkpoint (its logits) and critic.checkpoint."""
-    from megatron_sppo.config import ModelConfig
+def test_megatron_sppo_trains_from_what_megatron_lm_saved(megatron_lm_run, megatron_tp1):
+    """The saved checkpoint as policy.checkpoint (its logits) and critic.checkpoint, found
+    through the relative tokenizer path Megatron-LM recorded (from a directory above it)."""
+    from megatron_sppo.config import CriticConfig, ModelConfig
     from megatron_sppo.models.inputs import causal_inputs
-    from megatron_sppo.trainer.models import build_module
+    from megatron_sppo.trainer.models import build_trained_model
 
     work, _, _ = megatron_lm_run
-    monkeypatch.chdir(work)  # Megatron-LM recorded the tokenizer path relative to here
     saved = str(work / "ckpt" / "r1-7b-continued")
     ids, trained = torch.load(work / "ids.pt"), torch.load(work / "logits_trained.pt")
-    policy, arch = build_module(ModelConfig(checkpoint=saved), saved)
+    policy = build_trained_model("policy", ModelConfig(checkpoint=saved), saved, total_steps=1)
     with torch.no_grad():
-        logits = policy(ids, *causal_inputs(ids))
-    assert (logits[..., :arch.vocab_size] - trained[..., :arch.vocab_size]).abs().max() <= 1e-4
-    critic, _ = build_module(ModelConfig(checkpoint=saved), saved, critic=True, prefix="critic")
+        logits = policy.module(ids, *causal_inputs(ids))
+    vocab = policy.arch.vocab_size
+    assert (logits[..., :vocab] - trained[..., :vocab]).abs().max() <= 1e-4
+    critic = build_trained_model("critic", CriticConfig(checkpoint=saved), saved, total_steps=1)
     with torch.no_grad():
-        values = critic(ids, *causal_inputs(ids))
+        values = critic.module(ids, *causal_inputs(ids))
     assert values.shape == (*ids.shape, 1) and bool(torch.isfinite(values).all())
-    embedding = critic.embedding.word_embeddings.weight
-    assert torch.equal(embedding, policy.embedding.word_embeddings.weight)
+    assert torch.equal(critic.module.embedding.word_embeddings.weight,
+                       policy.module.embedding.word_embeddings.weight)

@@ -104,14 +104,20 @@ class CheckpointInfo:
 
 
 def _first_hf_dir(candidates, iter_dir: Path, writer: str) -> Path:
+    """The first candidate directory holding a config.json. A relative path (Megatron-LM
+    records ``--tokenizer-model`` as given) is tried from the current directory and from each
+    directory above the checkpoint, where the run that wrote it may have started."""
     candidates = list(dict.fromkeys(str(c) for c in candidates if c is not None))
     for candidate in candidates:
-        if (Path(candidate) / "config.json").is_file():
-            return Path(candidate)
+        bases = ([Path()] if Path(candidate).is_absolute()
+                 else [Path.cwd(), *iter_dir.absolute().parents])
+        for base in bases:
+            if (base / candidate / "config.json").is_file():
+                return base / candidate
     named = ", ".join(candidates) or "none"
     raise UserError(f"{iter_dir} ({writer} checkpoint) names no HF config.json that exists "
-                    f"(looked in: {named}): pass --hf-config DIR with the model's original "
-                    "config.json and tokenizer")
+                    f"(looked in: {named}): pass --hf-config DIR to convert, or copy the "
+                    f"model's original config.json and tokenizer into {iter_dir}/{HF_CONFIG_DIR}")
 
 
 def describe_checkpoint(path: str | Path, hf_config: str | Path | None = None) -> CheckpointInfo:
