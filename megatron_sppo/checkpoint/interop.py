@@ -7,8 +7,8 @@
   layer, hidden, FFN, head, query-group and kv-channel sizes, rope (type, base, percent), swiglu,
   the bias flags, RMSNorm, untied embeddings, the padded vocabulary, dropout and, with the
   default ``--use-tokenizer-model-from-checkpoint-args``, the tokenizer (HuggingFaceTokenizer
-  at the checkpoint's ``hf_config/``). It does not take the norm epsilon, q/k layernorm or
-  rope scaling: :func:`extra_megatron_lm_flags` lists the flags a model needs for those.
+  at the checkpoint's ``hf_config/``). It does not take the norm epsilon, q/k layernorm,
+  rope scaling or the dtype: :func:`extra_megatron_lm_flags` lists the flags for those.
 * **Megatron-Bridge** (checked against NVIDIA-NeMo/Megatron-Bridge
   ``training/model_load_save.py``, ``training/utils/checkpoint_utils.py``,
   ``models/gpt_provider.py``, ``models/conversion/model_bridge.py`` CONFIG_MAPPING):
@@ -86,8 +86,10 @@ def megatron_lm_args(arch: ModelArch, tokenizer_dir: Path, tp: int, pp: int,
 
 def extra_megatron_lm_flags(arch: ModelArch) -> list[str]:
     """Megatron-LM flags this model needs beyond ``--use-checkpoint-args`` (which does not
-    carry the norm epsilon, q/k layernorm or rope scaling)."""
+    carry the norm epsilon, q/k layernorm, rope scaling or the parameter dtype)."""
     flags = ["--norm-epsilon", f"{arch.norm_eps:g}"]
+    if arch.dtype in ("bfloat16", "float16"):
+        flags.append("--bf16" if arch.dtype == "bfloat16" else "--fp16")
     if arch.qk_layernorm:
         flags.append("--qk-layernorm")
     if arch.rope_scaling_factor is not None:

@@ -8,8 +8,9 @@ Megatron-LM's ``pretrain_gpt.py`` (core_r0.19.0) does up to training: ``parse_an
 ``gpt_config_from_args`` + ``pretrain_cfg_container_from_args``, ``initialize_megatron``,
 ``setup_model_and_optimizer`` (GPTModel from the arguments, DDP, optimizer,
 ``load_checkpoint``); then ``train_step`` with pretrain_gpt's loss on random tokens and
-``save_checkpoint`` (model, optimizer, scheduler, RNG) at iteration K. Only the data pipeline
-is replaced (its dataset index helpers are compiled C++).
+``save_checkpoint`` (model, optimizer, scheduler, RNG) at iteration K. The data pipeline is
+replaced by random tokens, and three steps that need a GPU or a Megatron-LM checkout are
+stood in for where they happen (see the comments in :func:`main`).
 
 Writes to --out: ids.pt (the probe tokens), logits_loaded.pt (full-vocabulary logits right
 after loading), logits_trained.pt (after the K steps) and trained.safetensors (the trained
@@ -68,12 +69,10 @@ def main():
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.rerun_state_machine import RerunDataIterator
     from megatron.core.utils import get_model_config
-    from megatron.training import get_args
+    from megatron.training import arguments, get_args, get_tokenizer, initialize
     from megatron.training.argument_utils import (gpt_config_from_args,
                                                   pretrain_cfg_container_from_args)
-    from megatron.training import arguments
     from megatron.training.checkpointing import save_checkpoint
-    from megatron.training import initialize
     from megatron.training.training import setup_model_and_optimizer, train_step
 
     from megatron_sppo.runtime import init_distributed
@@ -99,7 +98,8 @@ def main():
     out = Path(ours.out)
     last_stage_writer = (parallel_state.is_pipeline_last_stage()
                          and parallel_state.get_tensor_model_parallel_rank() == 0)
-    ids = sample_batch(args.padded_vocab_size // 4, 2, 12)  # ids well inside the real vocabulary
+    vocab = get_tokenizer().vocab_size
+    ids = sample_batch(vocab, 2, 12)
 
     def probe(name):
         for chunk in model:
@@ -112,8 +112,7 @@ def main():
             torch.save(logits, out / name)
 
     probe("logits_loaded.pt")
-    data = RerunDataIterator(batches(args.padded_vocab_size // 4, args.micro_batch_size,
-                                     args.seq_length))
+    data = RerunDataIterator(batches(vocab, args.micro_batch_size, args.seq_length))
     config = get_model_config(model[0])
     for iteration in range(ours.steps):
         losses, skipped, *_, grad_norm, _, _ = train_step(
