@@ -47,6 +47,12 @@ def _add_hf_to_megatron_args(p: argparse.ArgumentParser) -> None:
                    help="tensor-parallel size to write the checkpoint at (default 1; it loads "
                         "at any TP/PP)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    p.add_argument("--decoder-first-pipeline-num-layers", type=int, metavar="N",
+                   help="layers of the first pipeline stage (Megatron-LM's flag; the stages "
+                        "not given share the rest evenly). Default when --pp does not divide "
+                        "the layers: every stage L//pp, the first one the remainder too")
+    p.add_argument("--decoder-last-pipeline-num-layers", type=int, metavar="N",
+                   help="layers of the last pipeline stage (Megatron-LM's flag)")
     p.add_argument("--dtype", choices=_DTYPES,
                    help="parameter dtype of the checkpoint (default: the HF config's dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --megatron-path")
@@ -56,12 +62,14 @@ def _add_hf_to_megatron_args(p: argparse.ArgumentParser) -> None:
 def _add_megatron_to_hf_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--megatron-path", required=True,
                    help="Megatron checkpoint root (with latest_checkpointed_iteration.txt) or "
-                        "one iter_XXXXXXX directory")
+                        "one iter_XXXXXXX directory: written by megatron-sppo, by Megatron-LM "
+                        "(any iteration, optimizer state ignored) or by Megatron-Bridge")
     p.add_argument("--hf-path", required=True,
                    help="output: HF directory (sharded safetensors + index, config, tokenizer)")
     p.add_argument("--hf-config",
-                   help="HF config.json + tokenizer directory, for checkpoints that do not carry "
-                        "their own hf_config/")
+                   help="HF config.json + tokenizer directory, for checkpoints whose own "
+                        "hf_config/ (or the HF directory Megatron-LM's --tokenizer-model or "
+                        "Bridge's hf_model_id names) is missing")
     p.add_argument("--max-shard-size", type=_size, default="5GB",
                    help="largest safetensors shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --hf-path")
@@ -71,11 +79,16 @@ def _add_megatron_to_hf_args(p: argparse.ArgumentParser) -> None:
 def run_hf_to_megatron(args: argparse.Namespace) -> None:
     from megatron_sppo.checkpoint.convert import hf_to_megatron
 
+    from megatron_sppo.checkpoint.interop import extra_megatron_lm_flags
+
     arch = hf_to_megatron(args.hf_path, args.megatron_path, tp=args.tp, pp=args.pp,
                           overwrite=args.overwrite, dtype=args.dtype,
-                          show_progress=not args.no_progress)
+                          show_progress=not args.no_progress,
+                          first_stage_layers=args.decoder_first_pipeline_num_layers,
+                          last_stage_layers=args.decoder_last_pipeline_num_layers)
     print(f"wrote {args.megatron_path} ({arch.family}, {arch.num_layers} layers, "
-          f"tp={args.tp} pp={args.pp}, {arch.dtype})")
+          f"tp={args.tp} pp={args.pp}, {arch.dtype}); Megatron-LM loads it with --load "
+          f"{args.megatron_path} --use-checkpoint-args {' '.join(extra_megatron_lm_flags(arch))}")
 
 
 def run_megatron_to_hf(args: argparse.Namespace) -> None:

@@ -26,3 +26,22 @@ def megatron_tp1():
     init_distributed(1, 1)
     yield
     parallel_state.destroy_model_parallel()
+
+
+@pytest.fixture(scope="session")
+def small_builtin(tmp_path_factory):
+    """builtin:tiny-arithmetic built with a few SFT steps into a private cache:
+    (cache directory for MEGATRON_SPPO_CACHE, the model's path)."""
+    from megatron_sppo.demo import builtin
+
+    cache = tmp_path_factory.mktemp("cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MEGATRON_SPPO_CACHE", str(cache))
+    patch.setitem(builtin.SFT, "records", 256)
+    patch.setitem(builtin.SFT, "steps", 3)
+    patch.setitem(builtin.SFT, "batch_size", 8)
+    try:
+        path = builtin.ensure_builtin_model(progress=False)
+    finally:
+        patch.undo()
+    return cache, path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 DIST = REPO / "tests" / "dist"
+README = REPO / "README.md"
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -32,24 +34,26 @@ ZOO["llama_rope_llama3"] = dict(family="llama", rope_scaling=LLAMA3_ROPE,
 
 
 def run(cmd: list[str], timeout: int = 600, check: bool = True,
-        env: dict | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+        env: dict | None = None, cwd: Path = REPO,
+        input: str | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=REPO, input=input)
+                          timeout=timeout, env=full_env, cwd=cwd, input=input)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
-def torchrun(script: str, nproc: int, *args, timeout: int = 600,
-             env: dict | None = None) -> list[dict]:
+def torchrun(script: str, nproc: int, *args, timeout: int = 600, env: dict | None = None,
+             cwd: Path = REPO) -> list[dict]:
     """Run tests/dist/<script> (or a module with -m) on ``nproc`` gloo ranks; parse RESULTs."""
     from megatron_sppo.runtime.distributed import free_port
 
     target = ["-m", script[3:]] if script.startswith("-m ") else [DIST / script]
     proc = run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                f"--master-port={free_port()}", *target, *args], timeout=timeout, env=env)
+                f"--master-port={free_port()}", *target, *args], timeout=timeout, env=env,
+               cwd=cwd)
     return [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
             if line.startswith("RESULT ")]
 
@@ -67,3 +71,27 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert a[name].dtype == b[name].dtype, name
         assert a[name].shape == b[name].shape, name
         assert torch.equal(a[name].view(-1).view(torch.uint8), b[name].view(-1).view(torch.uint8)), name
+
+
+def readme_commands(path: Path = README) -> list[str]:
+    """Every command in the README's ```bash blocks, one string each: continuation lines
+    joined, comment lines and trailing comments dropped, whitespace collapsed."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", path.read_text(), re.S | re.M):
+        pending = ""
+        for line in block.splitlines():
+            line = re.sub(r"(^|\s)#.*$", "", line).rstrip()
+            if not line and not pending:
+                continue
+            pending += " " + line.rstrip("\\")
+            if not line.endswith("\\"):
+                commands.append(" ".join(pending.split()))
+                pending = ""
+    return commands
+
+
+def readme_command(marker: str) -> str:
+    """The one README command that contains ``marker``."""
+    found = [c for c in readme_commands() if marker in c]
+    assert len(found) == 1, f"{len(found)} README commands contain {marker!r}: {found}"
+    return found[0]

@@ -18,22 +18,6 @@ SUMMARY_KEYS = ("heldout_pass1_greedy_before", "heldout_pass1_greedy_after",
                 "control_pass1_sampled_after", "critic_pearson", "critic_auc", "critic_brier")
 
 
-@pytest.fixture(scope="module")
-def small_builtin(tmp_path_factory):
-    """builtin:tiny-arithmetic built with a few SFT steps into a private cache."""
-    cache = tmp_path_factory.mktemp("cache")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("MEGATRON_SPPO_CACHE", str(cache))
-    patch.setitem(builtin.SFT, "records", 256)
-    patch.setitem(builtin.SFT, "steps", 3)
-    patch.setitem(builtin.SFT, "batch_size", 8)
-    try:
-        path = builtin.ensure_builtin_model(progress=False)
-    finally:
-        patch.undo()
-    return cache, path
-
-
 def test_builtin_model_is_built_once_and_complete(small_builtin, monkeypatch):
     cache, path = small_builtin
     assert path == cache / f"{builtin.NAME}-{builtin.VERSION}" / "sft"

@@ -63,5 +63,8 @@ def test_parallel_checks():
     arch.check_parallel(2, 4)
     with pytest.raises(UserError, match="--tp 4 does not divide num_key_value_heads=2"):
         arch.check_parallel(4, 1)
-    with pytest.raises(UserError, match="--pp 3"):
-        arch.check_parallel(1, 3)
+    arch.check_parallel(1, 3)  # 4 layers over 3 stages: the default uneven split 2 + 1 + 1
+    with pytest.raises(UserError, match="--pp 5 is more than num_hidden_layers=4"):
+        arch.check_parallel(1, 5)
+    with pytest.raises(UserError, match="--decoder-last-pipeline-num-layers=3 leave 1"):
+        arch.check_parallel(1, 3, last=3)

@@ -23,8 +23,7 @@ from megatron_sppo.checkpoint.hf_io import DEFAULT_SHARD_BYTES, HFCheckpointRead
 from megatron_sppo.checkpoint.hf_io import copy_non_weight_files
 from megatron_sppo.checkpoint.hf_mapping import (canonical_name, hf_shapes, megatron_shard,
                                                  param_mappings)
-from megatron_sppo.checkpoint.megatron_io import (hf_config_dir, load_model_checkpoint, read_arch,
-                                                  read_meta, resolve_checkpoint,
+from megatron_sppo.checkpoint.megatron_io import (describe_checkpoint, load_model_checkpoint,
                                                   save_model_checkpoint)
 from megatron_sppo.errors import UserError
 from megatron_sppo.models.hf_config import ModelArch, arch_from_hf_config, load_hf_config
@@ -107,10 +106,12 @@ def model_from_hf(hf_path: str | Path, *, tp: int = 1, pp: int = 1, critic: bool
     return arch, config, model
 
 
-def _build(arch: ModelArch, tp: int, pp: int):
+def _build(arch: ModelArch, tp: int, pp: int, first: int | None = None,
+           last: int | None = None):
     from megatron_sppo.models.builder import build_gpt_model, transformer_config
 
-    config = transformer_config(arch, tp=tp, pp=pp, perform_initialization=False)
+    config = transformer_config(arch, tp=tp, pp=pp, first_stage_layers=first,
+                                last_stage_layers=last, perform_initialization=False)
     return build_gpt_model(arch, config)
 
 
@@ -125,8 +126,8 @@ def _tqdm(total: int, desc: str, enabled: bool):
 # ---- HF -> Megatron ------------------------------------------------------------------
 
 
-def _hf_to_megatron_rank(hf_path: str, tmp: str, arch: ModelArch, tp: int, pp: int,
-                         show_progress: bool) -> None:
+def _hf_to_megatron_rank(hf_path: str, tmp: str, final: str, arch: ModelArch, tp: int, pp: int,
+                         stages: tuple, show_progress: bool) -> None:
     """One target rank: build its shard, fill it from HF, save it (collective)."""
     from megatron.core import parallel_state
 
@@ -134,14 +135,14 @@ def _hf_to_megatron_rank(hf_path: str, tmp: str, arch: ModelArch, tp: int, pp: i
 
     enable_cpu_megatron(force=True)  # conversion is a host-memory job, also on GPU nodes
     init_distributed(tp, pp)
-    model = _build(arch, tp, pp)
+    model = _build(arch, tp, pp, *stages)
     first = torch.distributed.get_rank() == 0
     bar = _tqdm(sum(1 for _ in model.parameters()), f"hf->megatron (rank 0 of {tp * pp})",
                 show_progress and first)
     load_hf_weights(model, HFCheckpointReader(hf_path), arch, bar)
     if bar is not None:
         bar.close()
-    save_model_checkpoint(model, tmp, 0, arch, hf_path, release_model=True)
+    save_model_checkpoint(model, tmp, 0, arch, hf_path, release_model=True, final_root=final)
     parallel_state.destroy_model_parallel()
 
 
@@ -155,15 +156,20 @@ def _spawned_rank(rank: int, world: int, port: int, *args) -> None:
 
 def hf_to_megatron(hf_path: str | Path, megatron_path: str | Path, tp: int = 1, pp: int = 1,
                    overwrite: bool = False, dtype: str | None = None,
-                   show_progress: bool = True) -> ModelArch:
-    """Convert an HF checkpoint into Megatron-LM's dist-checkpoint layout at TP=tp, PP=pp."""
+                   show_progress: bool = True, first_stage_layers: int | None = None,
+                   last_stage_layers: int | None = None) -> ModelArch:
+    """Convert an HF checkpoint into Megatron-LM's dist-checkpoint layout at TP=tp, PP=pp
+    (``first_stage_layers``/``last_stage_layers``: uneven pipeline stages, see
+    :mod:`megatron_sppo.models.stages`; the checkpoint loads at any split)."""
     arch = arch_from_hf_config(load_hf_config(hf_path))
     if dtype is not None:
         arch = dataclasses.replace(arch, dtype=dtype)
-    arch.check_parallel(tp, pp)
+    stages = (first_stage_layers, last_stage_layers)
+    arch.check_parallel(tp, pp, *stages)
     HFCheckpointReader(hf_path).check_shapes(hf_shapes(arch))
     tmp = prepare_output(megatron_path, overwrite, "--megatron-path")
-    args = (str(hf_path), str(tmp), arch, tp, pp, show_progress)
+    args = (str(hf_path), str(tmp), str(Path(megatron_path).absolute()), arch, tp, pp, stages,
+            show_progress)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         if launched > 1:
@@ -199,24 +205,20 @@ def megatron_to_hf(megatron_path: str | Path, hf_path: str | Path, overwrite: bo
     """Export a Megatron checkpoint (any saved TP/PP) to sharded HF safetensors."""
     from megatron_sppo.runtime import enable_cpu_megatron, init_distributed
 
-    iter_dir = resolve_checkpoint(megatron_path)
-    config_dir = Path(hf_config) if hf_config else hf_config_dir(iter_dir)
-    if not (config_dir / "config.json").is_file():
-        raise UserError(f"{iter_dir} has no {config_dir.name}/config.json: pass --hf-config DIR "
-                        "with the model's original HF config.json and tokenizer files")
+    enable_cpu_megatron(force=True)  # before megatron-core reads the checkpoint's common state
+    info = describe_checkpoint(megatron_path, hf_config)
+    config_dir, arch = info.hf_dir, info.arch
     source = arch_from_hf_config(load_hf_config(config_dir))  # exported in its dtype
-    arch = read_arch(iter_dir) if hf_config is None else source
-    if hf_config is None and read_meta(iter_dir).get("model") == "critic":
-        raise UserError(f"{iter_dir} is a critic (scalar value head), which has no HF "
+    if info.kind == "critic":
+        raise UserError(f"{info.iter_dir} is a critic (scalar value head), which has no HF "
                         "CausalLM form: export the policy checkpoint instead")
     tmp = prepare_output(hf_path, overwrite, "--hf-path")
     try:
-        enable_cpu_megatron(force=True)
         init_distributed(1, 1)
         if torch.distributed.get_world_size() != 1:
             raise UserError("megatron-to-hf runs as a single process: launch it without torchrun")
         model = _build(arch, 1, 1)
-        load_model_checkpoint(model, iter_dir)
+        load_model_checkpoint(model, info.iter_dir)
         writer = HFShardWriter(tmp, max_shard_bytes)
         bar = _tqdm(len(hf_shapes(arch)), "megatron->hf", show_progress)
         for name, tensor in iter_hf_tensors_live(model, arch):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_sppo.checkpoint.megatron_io import load_model_checkpoint, read_arch, resolve_checkpoint
+from megatron_sppo.checkpoint.megatron_io import describe_checkpoint, load_model_checkpoint
 
 
 def compare_logits(megatron_path: str | Path, hf_path: str | Path, seq_len: int = 32,
@@ -23,9 +23,9 @@ def compare_logits(megatron_path: str | Path, hf_path: str | Path, seq_len: int 
     from megatron_sppo.models.inputs import causal_inputs
     from megatron_sppo.runtime import enable_cpu_megatron, init_distributed
 
-    iter_dir = resolve_checkpoint(megatron_path)
-    arch = read_arch(iter_dir)
     enable_cpu_megatron(force=True)  # compared with transformers on the host, in fp32
+    info = describe_checkpoint(megatron_path)
+    iter_dir, arch = info.iter_dir, info.arch
     init_distributed(1, 1)
     model = build_gpt_model(arch, transformer_config(arch, params_dtype=torch.float32,
                                                      perform_initialization=False))

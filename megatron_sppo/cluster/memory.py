@@ -114,14 +114,18 @@ class Layout:
 
 
 def params_per_gpu(arch: ModelArch, layout: Layout, scalar_head: bool = False) -> int:
-    """Parameters on the fullest GPU: L/pp layers split by TP (norms replicated), plus the
+    """Parameters on the fullest GPU: the largest stage's layers (the default split of
+    :mod:`megatron_sppo.models.stages`) split by TP (norms replicated), plus the
     embedding on the first stage and the output layer on the last (one stage if pp == 1;
     Megatron keeps a copy of tied embeddings on the last stage when pp > 1)."""
+    from megatron_sppo.models.stages import layers_per_stage, stage_split
+
     arch.check_parallel(layout.tp, layout.pp)
     tp, pp = layout.tp, layout.pp
     norms = 2 * arch.hidden_size + (2 * arch.head_dim if arch.qk_layernorm else 0)
     per_layer = (layer_params(arch) - norms) // tp + norms
-    layers = arch.num_layers // pp * per_layer
+    split = stage_split(arch.num_layers, pp)
+    layers = max(layers_per_stage(arch.num_layers, pp, split)) * per_layer
     embed = arch.padded_vocab_size * arch.hidden_size // tp
     if scalar_head:
         head = arch.hidden_size + 1

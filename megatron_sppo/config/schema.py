@@ -33,7 +33,9 @@ def _positive(**values) -> None:
 
 @dataclass
 class ModelConfig:
-    """A Megatron model (policy or critic): where it starts, its layout, its optimizer, the
+    """A Megatron model (policy or critic): where it starts (an HF directory or a Megatron
+    checkpoint written by megatron-sppo, Megatron-LM or Megatron-Bridge), its layout (uneven
+    pipeline stages as Megatron-LM's --decoder-first/last-pipeline-num-layers), its optimizer, the
     memory settings a large model needs (recompute, sequence parallelism, distributed
     optimizer, optimizer CPU offload) and FP8 training (``fp8.format`` e4m3|hybrid,
     ``fp8.recipe`` delayed|tensorwise|blockwise|mxfp8; Transformer Engine on a GPU)."""
@@ -41,6 +43,11 @@ class ModelConfig:
     checkpoint: str | None = None
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # uneven pipeline stages, Megatron-LM's --decoder-first/last-pipeline-num-layers: the
+    # stages not given share the rest evenly; neither given and pp not dividing the layers:
+    # every stage L // pp layers, the first the remainder too (models/stages.py)
+    decoder_first_pipeline_num_layers: int | None = None
+    decoder_last_pipeline_num_layers: int | None = None
     params_dtype: str = "float32"
     lr: float = 1e-6
     min_lr: float = 0.0

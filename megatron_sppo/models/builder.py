@@ -25,12 +25,19 @@ def use_transformer_engine() -> bool:
 
 
 def transformer_config(arch: ModelArch, *, tp: int = 1, pp: int = 1,
-                       params_dtype: torch.dtype | None = None, **overrides):
+                       params_dtype: torch.dtype | None = None,
+                       first_stage_layers: int | None = None,
+                       last_stage_layers: int | None = None, **overrides):
     """The TransformerConfig that reproduces the HF model exactly (dropout 0, RMSNorm, SwiGLU).
 
+    ``first_stage_layers``/``last_stage_layers``: uneven pipeline stages (Megatron-LM's
+    ``--decoder-first/last-pipeline-num-layers``); when pp does not divide the layer count and
+    neither is given, the default split of :mod:`megatron_sppo.models.stages` applies.
     ``overrides`` are passed through (recompute, sequence parallelism, FP8, ...).
     """
     from megatron.core.transformer import TransformerConfig
+
+    from megatron_sppo.models.stages import stage_split
 
     params_dtype = params_dtype or arch.torch_dtype
     kwargs = dict(
@@ -61,6 +68,7 @@ def transformer_config(arch: ModelArch, *, tp: int = 1, pp: int = 1,
         fp16=params_dtype == torch.float16,
         pipeline_dtype=params_dtype,
         use_cpu_initialization=not torch.cuda.is_available(),
+        **stage_split(arch.num_layers, pp, first_stage_layers, last_stage_layers).config_kwargs(),
     )
     kwargs.update(overrides)
     with warnings.catch_warnings():  # megatron's own default cuda_graph_scope warns about itself

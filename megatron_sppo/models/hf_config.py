@@ -66,8 +66,13 @@ class ModelArch:
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
 
-    def check_parallel(self, tp: int, pp: int) -> None:
-        """Refuse a TP/PP layout this model cannot be split into."""
+    def check_parallel(self, tp: int, pp: int, first: int | None = None,
+                       last: int | None = None, names: tuple[str, str, str] | None = None,
+                       ) -> None:
+        """Refuse a TP/PP layout this model cannot be split into; ``first``/``last`` are the
+        first and last pipeline stage's layer counts (:mod:`megatron_sppo.models.stages`)."""
+        from megatron_sppo.models.stages import CLI_NAMES, stage_split
+
         if tp < 1 or pp < 1:
             raise UserError(f"tp={tp}, pp={pp}: both must be >= 1")
         if self.num_heads % tp:
@@ -79,9 +84,7 @@ class ModelArch:
         if self.padded_vocab_size % tp:
             raise UserError(f"--tp {tp} does not divide the padded vocabulary "
                             f"{self.padded_vocab_size}: use a power-of-two --tp")
-        if self.num_layers % pp:
-            raise UserError(f"--pp {pp} does not divide num_hidden_layers={self.num_layers}: "
-                            f"use a --pp that divides {self.num_layers}")
+        stage_split(self.num_layers, pp, first, last, names or CLI_NAMES)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -81,18 +81,19 @@ def sequence_layout(cfg: ModelConfig) -> SequenceLayout:
     return SequenceLayout(align, packed=cfg.sequence_packing and use_transformer_engine())
 
 
-def checkpoint_source(path: str) -> tuple[Path, Path | None]:
-    """(HF files dir, Megatron iteration dir or None) of an HF or Megatron checkpoint path."""
-    from megatron_sppo.checkpoint.megatron_io import hf_config_dir, resolve_checkpoint
+def checkpoint_source(path: str) -> tuple[Path, Path | None, str]:
+    """(HF files dir, Megatron iteration dir or None, "policy" or "critic") of an HF checkpoint
+    or a Megatron one (written by megatron-sppo, Megatron-LM or Megatron-Bridge)."""
+    from megatron_sppo.checkpoint.megatron_io import describe_checkpoint
 
     p = Path(path)
     if (p / "config.json").is_file():
-        return p, None
+        return p, None, "policy"
     if p.is_dir():
-        iter_dir = resolve_checkpoint(p)
-        return hf_config_dir(iter_dir), iter_dir
+        info = describe_checkpoint(p)
+        return info.hf_dir, info.iter_dir, info.kind
     raise UserError(f"checkpoint {path} does not exist: give an HF model directory (with "
-                    "config.json) or a Megatron checkpoint made by megatron-sppo convert")
+                    "config.json) or a Megatron checkpoint (megatron-sppo, Megatron-LM, Bridge)")
 
 
 def build_trained_model(kind: str, cfg: ModelConfig, checkpoint: str,
@@ -140,24 +141,27 @@ def build_module(cfg: ModelConfig, checkpoint: str, *, critic: bool = False,
     Megatron checkpoint; ``frozen`` for forward-only use (the reference policy)."""
     from megatron_sppo.checkpoint.convert import load_hf_weights
     from megatron_sppo.checkpoint.hf_io import HFCheckpointReader
-    from megatron_sppo.checkpoint.megatron_io import load_model_checkpoint, read_meta
+    from megatron_sppo.checkpoint.megatron_io import load_model_checkpoint
     from megatron_sppo.models.builder import build_gpt_model, transformer_config
     from megatron_sppo.models.critic import build_critic_model
     from megatron_sppo.models.hf_config import arch_from_hf_config, load_hf_config
+    from megatron_sppo.models.stages import config_names
     from megatron_sppo.runtime.groups import groups_for_layout
 
-    hf_dir, iter_dir = checkpoint_source(checkpoint)
+    hf_dir, iter_dir, stored_kind = checkpoint_source(checkpoint)
     arch = arch_from_hf_config(load_hf_config(hf_dir))
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
-    arch.check_parallel(tp, pp)
+    stages = (cfg.decoder_first_pipeline_num_layers, cfg.decoder_last_pipeline_num_layers)
+    arch.check_parallel(tp, pp, *stages, names=config_names(prefix))
     config = transformer_config(arch, tp=tp, pp=pp, params_dtype=DTYPES[cfg.params_dtype],
+                                first_stage_layers=stages[0], last_stage_layers=stages[1],
                                 **transformer_overrides(cfg, arch.num_layers, prefix))
     module = (build_critic_model if critic else build_gpt_model)(
         arch, config, groups=groups_for_layout(tp, pp))
     if iter_dir is None:
         load_hf_weights(module, HFCheckpointReader(hf_dir), arch, include_head=not critic)
     else:  # a critic may start from a policy checkpoint: backbone loaded, new head kept
-        from_policy = critic and read_meta(iter_dir).get("model") != "critic"
+        from_policy = critic and stored_kind != "critic"
         load_model_checkpoint(module, iter_dir,
                               skip_prefix="output_layer." if from_policy else None)
     if frozen:
