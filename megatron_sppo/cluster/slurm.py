@@ -15,7 +15,7 @@ Placements:
 
 CPU jobs (``gpus_per_node=0``): no GPU directives, one rank per ``cpus_per_rank`` CPUs of
 each node (counted by the script from ``SLURM_CPUS_ON_NODE``) and the local rollout engine,
-so the same script runs on a CPU cluster (tests/test_slurm_cluster.py runs it on a real one).
+so the same script runs on a CPU cluster (tests/test_preemption.py runs it on a real one).
 
 Time limit: Slurm sends SIGUSR1 to the batch shell ``signal_lead_s`` before the limit
 (``--signal=B:USR1@...``). The shell forwards it through srun, which signals every process

@@ -232,8 +232,9 @@ class WorkerPool:
                 w.conn.send(None)
             except (OSError, ValueError):
                 pass
+        deadline = time.monotonic() + 1.0  # one second for all to exit, then SIGKILL
         for w in self._workers:
-            w.proc.join(1)
+            w.proc.join(max(0.0, deadline - time.monotonic()))
             self._kill(w)
         self._workers = []
 
