@@ -24,8 +24,8 @@ import pytest
 PACKAGES = ("slurm-wlm", "munge", "shellcheck")
 INSTALL = f"apt-get install -y {' '.join(PACKAGES)}"
 _SBIN = ":/usr/sbin:/sbin"
-_COMMANDS = ("sbatch", "scontrol", "squeue", "scancel", "sinfo", "slurmctld", "slurmd",
-             "munged", "shellcheck")
+SLURM_COMMANDS = ("sbatch", "scontrol", "squeue", "scancel", "sinfo", "slurmctld", "slurmd",
+                  "munged")
 
 # The time-limit check (and the --signal warning) runs every 30 s in slurmctld's background
 # thread, counted from its start (PERIODIC_TIMEOUT, src/slurmctld/slurmctld.h).
@@ -37,27 +37,28 @@ def which(name: str) -> str | None:
 
 
 @functools.cache
-def _install() -> str | None:
-    """None when every command is present afterwards, else why not."""
-    missing = [c for c in _COMMANDS if which(c) is None]
-    if not missing:
-        return None
-    if os.geteuid() != 0 or which("apt-get") is None:
-        return f"{', '.join(missing)} missing: install with `sudo {INSTALL}`"
+def _apt_install() -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for attempt in ([INSTALL], ["apt-get update -q", INSTALL]):  # a fresh image has no lists
         for command in attempt:
             proc = subprocess.run(command.split(), env=env, capture_output=True, text=True)
-        if proc.returncode == 0 and all(which(c) for c in _COMMANDS):
-            return None
+        if proc.returncode == 0:
+            return
     pytest.fail(f"`{INSTALL}` failed: {proc.stderr.strip()[-500:]}")
 
 
-def ensure_tools() -> None:
-    """Install the Slurm/munge/shellcheck packages if needed and possible, else skip."""
-    reason = _install()
-    if reason:
-        pytest.skip(reason)
+def ensure_tools(*commands: str) -> None:
+    """Make ``commands`` (default: Slurm's and munged) available: installed with apt as root,
+    otherwise the test is skipped with the command to run."""
+    missing = [c for c in commands or SLURM_COMMANDS if which(c) is None]
+    if not missing:
+        return
+    if os.geteuid() != 0 or which("apt-get") is None:
+        pytest.skip(f"{', '.join(missing)} missing: install with `sudo {INSTALL}`")
+    _apt_install()
+    missing = [c for c in missing if which(c) is None]
+    if missing:
+        pytest.fail(f"`{INSTALL}` did not provide {', '.join(missing)}")
 
 
 def free_port() -> int:

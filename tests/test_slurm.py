@@ -54,7 +54,7 @@ def train_command(script: str) -> list[str]:
 
 @pytest.mark.parametrize("name", sorted(JOBS))
 def test_shellcheck_clean(name, tmp_path):
-    ensure_tools()
+    ensure_tools("shellcheck")
     path = tmp_path / f"{name}.sbatch"
     path.write_text(render_sbatch(JOBS[name]))
     result = subprocess.run([which("shellcheck"), "-s", "bash", str(path)], capture_output=True,
