@@ -18,9 +18,6 @@ def _is_rank0() -> bool:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from megatron_sppo.trainer.preemption import StopRequest
-
-    stop = StopRequest()  # first: a stop signal during start-up must not kill the rank
     from megatron_sppo.config import load_config
     from megatron_sppo.quant.fp8_train import check_fp8_runtime
 
@@ -29,7 +26,7 @@ def run_train(args: argparse.Namespace) -> None:
                        **({"critic": cfg.critic.fp8} if cfg.algorithm.needs_critic else {})})
     from megatron_sppo.trainer.loop import train  # megatron-core is imported from here on
 
-    out = train(cfg, resume=args.resume, stop=stop)
+    out = train(cfg, resume=args.resume)
     if _is_rank0():
         print(f"outputs: {out}")
 

@@ -24,7 +24,7 @@ from megatron_sppo.trainer.checkpointing import (latest_checkpoint, load_trainin
                                                  save_training_checkpoint,
                                                  start_checkpoint_writer)
 from megatron_sppo.trainer.components import Components, build_components, make_step_batch
-from megatron_sppo.trainer.preemption import StopRequest, clear_stopped
+from megatron_sppo.trainer.preemption import clear_stopped, stop_request
 
 
 class PhaseTimer:
@@ -134,10 +134,9 @@ def is_finite_step(metrics: dict) -> bool:
                and abs(metrics[k]) != float("inf") for k in keys)
 
 
-def train(cfg: Config, resume: str | None = None, stop: StopRequest | None = None) -> Path:
-    """Run (or resume) training; returns the output directory. ``stop``: the signal handler,
-    installed by the command before anything slow (here by default)."""
-    stop = stop or StopRequest()
+def train(cfg: Config, resume: str | None = None) -> Path:
+    """Run (or resume) training; returns the output directory."""
+    stop = stop_request()  # installed already when the train command started
     out = Path(cfg.trainer.output_dir)
     c = build_components(cfg)
     rank0 = dist.get_rank() == 0

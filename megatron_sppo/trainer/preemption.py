@@ -109,6 +109,18 @@ class StopRequest:
         write_text_atomic(Path(output_dir) / STOPPED, json.dumps(record) + "\n")
 
 
+_REQUEST: StopRequest | None = None
+
+
+def stop_request() -> StopRequest:
+    """This process's StopRequest, its handlers installed by the first call: the train command
+    makes it before it imports anything heavy, so a signal during start-up is kept."""
+    global _REQUEST
+    if _REQUEST is None:
+        _REQUEST = StopRequest()
+    return _REQUEST
+
+
 def clear_stopped(output_dir: str | Path) -> None:
     """A starting run is no longer stopped."""
     (Path(output_dir) / STOPPED).unlink(missing_ok=True)
