@@ -111,6 +111,15 @@ def test_shielded_helpers_survive_stop_signals(monkeypatch):
     queue._manager.shutdown()
 
 
+def test_train_command_reaches_its_handler_without_torch():
+    """The train command installs its stop handler before anything imports torch (seconds
+    under load): until then a stop signal would kill the rank."""
+    code = ("import sys; from megatron_sppo.cli import main; "
+            "from megatron_sppo.trainer.preemption import stop_request; "
+            "print(sorted(m for m in ('torch', 'megatron.core') if m in sys.modules))")
+    assert run([sys.executable, "-c", code]).stdout.strip() == "[]"
+
+
 @pytest.fixture()
 def stop_request(monkeypatch):
     """A StopRequest in this process, its signal handlers restored afterwards."""
