@@ -162,12 +162,16 @@ class SlurmCluster:
                 raise TimeoutError(f"no {what} after {timeout:.0f} s: see {self.root}/*.log")
             time.sleep(0.2)
 
-    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run([which(cmd[0]) or cmd[0], *cmd[1:]], env=self.env,
-                              capture_output=True, text=True, timeout=60)
-        if check and proc.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
-        return proc
+    def run(self, *cmd: str, check: bool = True, attempts: int = 5) -> subprocess.CompletedProcess:
+        """A Slurm command; with ``check``, retried first (on a loaded machine an RPC to
+        slurmctld can time out), then an error."""
+        for _ in range(attempts if check else 1):
+            proc = subprocess.run([which(cmd[0]) or cmd[0], *cmd[1:]], env=self.env,
+                                  capture_output=True, text=True, timeout=60)
+            if proc.returncode == 0 or not check:
+                return proc
+            time.sleep(1)
+        raise RuntimeError(f"{' '.join(cmd)} failed {attempts} times: {proc.stderr.strip()}")
 
     def submit(self, script: Path, env: dict | None = None) -> str:
         proc = subprocess.run([which("sbatch"), "--parsable", str(script)], cwd=self.root,

@@ -162,9 +162,9 @@ def test_slurm_time_limit_and_manual_signal(reference, zoo, tmp_path):
     out, script = tmp_path / "run", tmp_path / "job.sbatch"
     out.mkdir()
     assert render_slurm.main(["--job-name", "sppo-cpu", "--config", str(DEMO), "--output-dir",
-                              str(out), "--gpus-per-node", "0", "--time", str(LIMIT_MIN), "--signal-lead",
-                              str(LEAD), "--rdzv-port", str(free_port()), "-o", str(script),
-                              *demo_overrides(zoo)]) == 0
+                              str(out), "--gpus-per-node", "0", "--time", str(LIMIT_MIN),
+                              "--signal-lead", str(LEAD), "--rdzv-port", str(free_port()),
+                              "-o", str(script), *demo_overrides(zoo)]) == 0
     env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "GLOO_SOCKET_IFNAME": "lo"}
     with SlurmCluster(tmp_path / "slurm") as cluster:
