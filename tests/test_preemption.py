@@ -150,10 +150,6 @@ def test_stop_is_reported_against_the_signal_lead(stop_request, capsys):
     assert f"after the {LEAD} s signal lead ran out" in capsys.readouterr().out
 
 
-def _split_runs(log: str) -> list[str]:
-    return log.split("requeueing job")
-
-
 def test_slurm_time_limit_and_manual_signal(reference, zoo, tmp_path):
     """The rendered CPU script on a real Slurm: run 1 ends at its time-limit signal, run 2 at
     ``scancel --signal=USR1`` mid-step, run 3 completes."""
@@ -203,7 +199,7 @@ def test_slurm_time_limit_and_manual_signal(reference, zoo, tmp_path):
     log = log_path.read_text()
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", log[-3000:]
 
-    runs = _split_runs(log)
+    runs = log.split("requeueing job")
     assert len(runs) == 3, log[-3000:]  # two requeues, each in the log
     assert f"time limit in {LEAD} s" in runs[0]  # the batch shell's --signal=B:USR1
     assert not any(f"time limit in {LEAD} s" in r for r in runs[1:])  # scancel: steps only
