@@ -5,6 +5,11 @@ replica is ``<sglang python> -m sglang.launch_server ...`` in a new process grou
 over HTTP. Weight updates need ``--dp-size 1``, so data parallelism is one server per
 replica (placed with ``--base-gpu-id``), balanced by the client. Flags are those of SGLang
 0.5.23 (``sglang/srt/arg_groups/fields/*.py``: a field ``tp_size`` is ``--tp-size``).
+
+A launched server starts with SIGUSR1 blocked (``runtime.signals``): Slurm's time-limit
+warning reaches every process of the job step, and the server must keep serving the step the
+trainer finishes before it checkpoints. SIGTERM stays deliverable: ``SGLangServer.stop`` and
+SGLang's own shutdown of its scheduler processes rely on it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import requests
 
 from megatron_sppo.errors import UserError
 from megatron_sppo.rollout.engine import EngineError
+from megatron_sppo.runtime.signals import stop_signals_blocked
 
 DEFAULT_SGLANG_PYTHON = "/opt/sglang-venv/bin/python"
 
@@ -120,9 +126,10 @@ class SGLangServer:
                             "server with rollout.sglang.addresses")
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
-            self.process = subprocess.Popen(
-                server_command(opts), stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, **(self.env or {})}, start_new_session=True)
+            with stop_signals_blocked((signal.SIGUSR1,)):
+                self.process = subprocess.Popen(
+                    server_command(opts), stdout=log, stderr=subprocess.STDOUT,
+                    env={**os.environ, **(self.env or {})}, start_new_session=True)
         finally:
             if self.log_path:
                 log.close()
