@@ -466,11 +466,14 @@ _TENSOR_TO = torch.Tensor.to
 def _tensor_to(self: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """``Tensor.to``: device moves here, dtype/layout changes through torch (dispatch keeps a
     device tensor on its device)."""
-    device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+    with torch._C.DisableTorchFunction():  # the mode would treat device= as a factory's
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
     if device is None:
         return _TENSOR_TO(self, *args, **kwargs)
     index = _index_of(device)
-    if index == (self.index if isinstance(self, DeviceTensor) else None):
+    if isinstance(self, DeviceTensor) and index == self.index:  # only a dtype change left
+        return self if dtype is None else _TENSOR_TO(self, dtype)
+    if index is None and not isinstance(self, DeviceTensor):
         return _TENSOR_TO(self, *args, **kwargs)
     moved = _to_host(self) if index is None else _to_device(self, index)
     return moved if dtype is None or dtype == moved.dtype else _TENSOR_TO(moved, dtype)
@@ -793,6 +796,19 @@ def _patch_megatron_rng() -> None:
         lambda new_state, device=-1, graph_safe=False: torch.cuda.set_rng_state(new_state))
 
 
+def _patch_megatron_offload() -> None:
+    """megatron-core's optimizer offload for RL moves tensors with ``p.data = p.data.cpu()``
+    (``MegatronOptimizer.offload_to_cpu`` / ``restore_from_cpu``), which a device tensor cannot
+    become here: under emulation the optimizer's tensors stay on the device (both no-ops), so
+    memory hand-over figures leave out the optimizer states."""
+    try:
+        from megatron.core.optimizer.optimizer import MegatronOptimizer
+    except ImportError:
+        return
+    MegatronOptimizer.offload_to_cpu = lambda self: None
+    MegatronOptimizer.restore_from_cpu = lambda self: None
+
+
 def enable() -> None:
     """Install the emulated accelerator (idempotent). Main thread; before megatron-core is
     imported where possible (module aliases taken at import are re-pointed anyway)."""
@@ -810,4 +826,5 @@ def enable() -> None:
     emulated_dist.install()
     emulated_ipc.install()
     _patch_megatron_rng()
+    _patch_megatron_offload()
     _EmulationMode().__enter__()  # global for the main thread; never exited

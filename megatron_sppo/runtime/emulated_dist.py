@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,10 @@ from megatron_sppo.runtime import emulated
 _DECLARED: dict[int, str] = {}  # id(process group) -> the backend it was created with
 _CHECKED: set[int] = set()  # groups whose GPUs were checked for duplicates
 _ORIGINAL: dict[str, object] = {}
+# Collectives with a torch function mode active hand themselves back to ``c10d.<name>`` (this
+# wrapper) through handle_torch_function, with the host tensors already prepared: that second
+# pass goes straight through (per thread, per collective).
+_INSIDE = threading.local()
 
 
 def _backend_devices(backend: str | None) -> set[str]:
@@ -133,13 +138,19 @@ def _collective(name: str, tensor_args: tuple[str, ...]):
 
     @functools.wraps(original)
     def wrapper(*args, **kwargs):
+        if getattr(_INSIDE, name, False):  # torch's own re-dispatch of the prepared call
+            return original(*args, **kwargs)
         bound = signature.bind(*args, **kwargs)
         group = bound.arguments.get("group")
         group = group if group is not None else c10d._get_default_group()
         for arg in tensor_args:
             if arg in bound.arguments:
                 bound.arguments[arg] = _prepare(bound.arguments[arg], group, name)
-        return original(*bound.args, **bound.kwargs)
+        setattr(_INSIDE, name, True)
+        try:
+            return original(*bound.args, **bound.kwargs)
+        finally:
+            setattr(_INSIDE, name, False)
 
     return wrapper
 
