@@ -44,6 +44,7 @@ class LaunchOptions:
     base_gpu_id: int = 0
     mem_fraction_static: float | None = None
     enable_memory_saver: bool = False
+    enable_deterministic_inference: bool = False
     dtype: str = "auto"
     quantization: str | None = None
     random_seed: int | None = None
@@ -63,6 +64,8 @@ def server_command(opts: LaunchOptions) -> list[str]:
         cmd += ["--mem-fraction-static", str(opts.mem_fraction_static)]
     if opts.enable_memory_saver:
         cmd.append("--enable-memory-saver")
+    if opts.enable_deterministic_inference:
+        cmd.append("--enable-deterministic-inference")
     if opts.quantization:
         cmd += ["--quantization", opts.quantization]
     if opts.random_seed is not None:
@@ -190,6 +193,8 @@ def launch_servers(base: LaunchOptions, replicas: int = 1, timeout_s: float = 60
     """Start ``replicas`` servers (see :func:`replica_options`) together, then wait for all
     of them; on any failure the ones already started are stopped."""
     servers = []
+    if log_dir:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
     try:
         for i, opts in enumerate(replica_options(base, replicas)):
             log = Path(log_dir) / f"sglang_{i}.log" if log_dir else None

@@ -57,8 +57,9 @@ def run_step(c: Components, cfg: Config, step: int) -> dict:
         rollouts = c.generate(records, seed)
     with timer("reward"):
         scored = c.score(records, rollouts)
-    with timer("rollout"):
-        c.colocation.for_training()
+    policy_learns = step > cfg.critic.warmup_steps or c.critic is None
+    with timer("rollout"):  # no sync follows a warm-up step: the engine keeps its weights
+        c.colocation.for_training(release_weights=policy_learns)
     batch = make_step_batch(c, cfg, records, rollouts, scored)
     metrics = dict(scored.metrics)
 
@@ -83,16 +84,14 @@ def run_step(c: Components, cfg: Config, step: int) -> dict:
     if c.critic is not None:
         with timer("critic"):
             metrics.update(rl_step.update_critic(c.critic, batch, cfg, seed))
-    policy_learns = step > cfg.critic.warmup_steps or c.critic is None
     if policy_learns:
         with timer("policy"):
             metrics.update(rl_step.update_policy(c.policy, batch, cfg, seed))
     with timer("sync"):
-        c.colocation.before_sync()
         if policy_learns:
             c.sync_weights(step)
-        c.colocation.after_sync()
     metrics.update(step_metrics(batch, cfg))
+    metrics.update(c.colocation.memory)
     metrics.update(timer.times)
     generated = float(batch.tensors.response_mask.sum())
     metrics["generated_tokens"] = generated
