@@ -230,6 +230,8 @@ def check_fp8(opts: Options) -> list[Check]:
 def _train(opts: Options, name: str, hf: Path, steps: int, prompts: int) -> list[dict]:
     """``megatron-sppo train`` for ``steps`` steps with SGLang colocated on this GPU; the
     metrics of each step."""
+    from megatron_sppo.runtime.distributed import free_port
+
     out = opts.output_dir / name
     config = {
         "policy": {"checkpoint": str(hf), "params_dtype": "bfloat16", "lr": 1e-6},
@@ -238,7 +240,8 @@ def _train(opts: Options, name: str, hf: Path, steps: int, prompts: int) -> list
                     "max_response_length": 32,
                     "sglang": {"python": opts.sglang_python, "colocated": True,
                                "enable_memory_saver": True, "mem_fraction_static": 0.5,
-                               "dtype": "bfloat16", "port": 31000 + 10 * len(name)}},
+                               "dtype": "bfloat16", "port": free_port(),
+                               "sync_master_port": free_port()}},
         "data": {"train_files": ["builtin:arithmetic"]},
         "reward": {"function": "arithmetic"},
         "trainer": {"output_dir": str(out), "total_steps": steps, "prompts_per_step": prompts,
