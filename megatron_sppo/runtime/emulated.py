@@ -233,10 +233,13 @@ def _index_of(device) -> int | None:
 
 
 class DeviceTensor(torch.Tensor):
-    """A tensor on an emulated GPU: ``elem`` holds its data on the host."""
+    """A tensor on an emulated GPU: ``elem`` holds its data on the host. ``index`` None: a
+    device tensor whose data was moved to the host through ``.data`` (megatron's optimizer
+    offload): it behaves as a host tensor but keeps its identity, so the autograd hooks
+    megatron's DDP registered on it survive, as a CUDA tensor's do when it changes device."""
 
     elem: torch.Tensor
-    index: int
+    index: int | None
 
     @staticmethod
     def __new__(cls, elem: torch.Tensor, index: int, requires_grad: bool = False):
@@ -252,26 +255,30 @@ class DeviceTensor(torch.Tensor):
 
     def __repr__(self, *, tensor_contents=None):
         text = repr(self.elem)
-        return f"{text[:-1]}, device='cuda:{self.index}')" if text.endswith(")") else text
+        if self.index is None or not text.endswith(")"):
+            return text
+        return f"{text[:-1]}, device='cuda:{self.index}')"
 
     # what Python code asks a CUDA tensor ------------------------------------------------
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda", self.index)
+        return _HOST if self.index is None else torch.device("cuda", self.index)
 
     @property
     def is_cuda(self) -> bool:
-        return True
+        return self.index is not None
 
     @property
     def is_cpu(self) -> bool:
-        return False
+        return self.index is None
 
     def get_device(self) -> int:
-        return self.index
+        return -1 if self.index is None else self.index
 
     def type(self, dtype=None, non_blocking=False, **kwargs):
+        if self.index is None:
+            return self.elem.type(dtype, non_blocking, **kwargs)
         if dtype is None and not kwargs:
             return self.elem.type().replace("torch.", "torch.cuda.", 1)
         if isinstance(dtype, str) and not dtype.startswith("torch.cuda."):
@@ -280,6 +287,8 @@ class DeviceTensor(torch.Tensor):
         return _to_device(self.cpu().type(dtype), self.index)
 
     def numpy(self, *args, **kwargs):
+        if self.index is None:
+            return self.elem.numpy(*args, **kwargs)
         raise TypeError(f"can't convert cuda:{self.index} device type tensor to numpy. Use "
                         "Tensor.cpu() to copy the tensor to host memory first.")
 
@@ -304,7 +313,12 @@ class DeviceTensor(torch.Tensor):
 
 
 def is_device_tensor(x) -> bool:
-    return isinstance(x, DeviceTensor)
+    """On an emulated GPU now (a parked device tensor is on the host)."""
+    return isinstance(x, DeviceTensor) and x.index is not None
+
+
+def _device_of(x) -> int | None:
+    return x.index if isinstance(x, DeviceTensor) else None
 
 
 # ---- .data and storage resizes across host and device --------------------------------------
@@ -315,37 +329,33 @@ _RESIZE = torch.UntypedStorage.resize_
 
 def _get_data(self):
     if isinstance(self, DeviceTensor):
-        return DeviceTensor(self.elem.detach(), self.index)
+        return self.elem.detach() if self.index is None else DeviceTensor(self.elem.detach(),
+                                                                          self.index)
     return _DATA.__get__(self)
 
 
 def _set_data(self, value):
-    """``t.data = v``: v's data under t's identity. Between host and device (megatron's
-    optimizer offload does ``p.data = p.data.cpu()``) the tensor changes kind in place,
-    keeping its attributes, as a CUDA tensor changes device (its ``.grad``, on the old
-    device, is dropped)."""
+    """``t.data = v``: v's data under t's identity, also between host and device (megatron's
+    optimizer offload does ``p.data = p.data.cpu()`` and back). A device tensor moved to the
+    host is parked (see :class:`DeviceTensor`) and its memory released."""
     if not isinstance(self, DeviceTensor) and not isinstance(value, DeviceTensor):
         return _DATA.__set__(self, value)
-    if isinstance(self, DeviceTensor) and isinstance(value, DeviceTensor):
+    if not isinstance(self, DeviceTensor):
+        raise RuntimeError("emulated GPU: a host tensor cannot take a device tensor's .data "
+                           "in place here; build it on the device, or move it with .to()")
+    if is_device_tensor(self):
+        self.__dict__["_emulated_release"]()
+    if isinstance(value, DeviceTensor):
         with torch._C.DisableTorchFunctionSubclass():
             _DATA.__set__(self, value)
-        self.__dict__["_emulated_release"]()
         self.elem, self.index = value.elem, value.index
-        devices().track(self)
+        if value.index is not None:
+            devices().track(self)
         return None
-    keep = {k: v for k, v in self.__dict__.items()
-            if k not in ("elem", "index", "_emulated_release", "_emulated_origin")}
-    if isinstance(self, DeviceTensor):
-        self.__dict__["_emulated_release"]()
-    inner = value.detach()
-    new = (torch.nn.Parameter(inner, requires_grad=self.requires_grad)
-           if isinstance(self, torch.nn.Parameter) else inner.requires_grad_(self.requires_grad))
-    if isinstance(new, DeviceTensor):  # swap_tensors refuses tensors with weak references
-        new.__dict__["_emulated_release"]()
-    torch.utils.swap_tensors(self, new)
-    self.__dict__.update(keep)
-    if isinstance(self, DeviceTensor):
-        devices().track(self)
+    if value.shape != self.shape or value.dtype != self.dtype:
+        raise RuntimeError(f"emulated GPU: .data of a {list(self.shape)} {self.dtype} device "
+                           f"tensor set to a {list(value.shape)} {value.dtype} host tensor")
+    self.elem, self.index = value.detach(), None
     return None
 
 
@@ -406,7 +416,7 @@ def _check_devices(func, args, kwargs) -> int | None:
 
     def visit(x, nested: bool):
         nonlocal found, host
-        if isinstance(x, DeviceTensor):
+        if is_device_tensor(x):
             if found is not None and found != x.index:
                 raise _mixed_devices(func, found, f"cuda:{x.index}", None)
             found = x.index
@@ -505,6 +515,8 @@ def _to_host(x: torch.Tensor) -> torch.Tensor:
     """A host copy (gradients flow back to the device tensor as device tensors)."""
     if not isinstance(x, DeviceTensor):
         return x
+    if x.index is None:  # parked: its data is on the host already
+        return x.elem
     if x.requires_grad:
         return _ToHost.apply(x)
     return x.elem.clone()
@@ -518,7 +530,7 @@ def _tensor_to(self: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     device tensor on its device)."""
     copy = kwargs.pop("copy", False)
     device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
-    index = self.index if isinstance(self, DeviceTensor) else None
+    index = _device_of(self)
     if device is None or _index_of(device) == index:  # no move: no device argument to torch
         return _TENSOR_TO(self, dtype=dtype or self.dtype, non_blocking=non_blocking, copy=copy,
                           memory_format=memory_format or torch.preserve_format)
@@ -543,7 +555,7 @@ def module_to(module: torch.nn.Module, index: int | None) -> torch.nn.Module:
         if param:
             new = torch.nn.Parameter(inner, requires_grad=t.requires_grad)
             for key, value in t.__dict__.items():
-                if key not in ("elem", "index", "_emulated_origin"):
+                if key not in ("elem", "index") and not key.startswith("_emulated"):
                     setattr(new, key, value)
         else:
             new = inner
@@ -552,11 +564,10 @@ def module_to(module: torch.nn.Module, index: int | None) -> torch.nn.Module:
 
     for m in module.modules():
         for name, p in list(m._parameters.items()):
-            if p is not None and (index is None) == isinstance(p, DeviceTensor) or (
-                    p is not None and isinstance(p, DeviceTensor) and p.index != index):
+            if p is not None and _device_of(p) != index:
                 m._parameters[name] = convert(p, True)
         for name, b in list(m._buffers.items()):
-            if b is not None and (index is None) == isinstance(b, DeviceTensor):
+            if b is not None and _device_of(b) != index:
                 m._buffers[name] = convert(b, False)
     return module
 

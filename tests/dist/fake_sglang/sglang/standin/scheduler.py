@@ -107,8 +107,8 @@ class Scheduler:
         path, dtype = self.args["model_path"], self.args["dtype"]
         config = transformers.AutoConfig.from_pretrained(path)
         dtype = DTYPES.get(dtype) or getattr(config, "dtype", None) or torch.float32
-        # from_config + the safetensors files: under the emulated accelerator from_pretrained
-        # leaves non-persistent buffers (the rotary inv_freq) uninitialised
+        # from_config + the safetensors files through the loader pushed weights use, as
+        # SGLang's model loader does (--load-format dummy leaves the weights unset)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
         if self.args["load_format"] != "dummy":
             weights.load_checkpoint(model, path)
