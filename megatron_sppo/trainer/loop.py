@@ -23,6 +23,8 @@ from megatron_sppo.trainer import rl_step
 from megatron_sppo.trainer.checkpointing import (latest_checkpoint, load_training_checkpoint,
                                                  save_training_checkpoint)
 from megatron_sppo.trainer.components import Components, build_components, make_step_batch
+from megatron_sppo.trainer.sampling import generate_and_score
+from megatron_sppo.trainer.selection import select_step_prompts
 
 
 class PhaseTimer:
@@ -66,21 +68,24 @@ def run_step(c: Components, cfg: Config, step: int) -> dict:
     timer = PhaseTimer()
     seed = step_seed(cfg, step)
     torch.manual_seed(seed)
-    with timer("data"):
-        records = c.prompts.next_batch(cfg.trainer.prompts_per_step)
-    with timer("rollout"):
-        c.colocation.for_rollout()
-        rollouts = c.generate(records, seed)
-    with timer("reward"):
-        scored = c.score(records, rollouts)
-    with timer("rollout"):
-        c.colocation.for_training()
-    batch = make_step_batch(c, cfg, records, rollouts, scored)
-    metrics = dict(scored.metrics)
+    chosen = None
+    if cfg.algorithm.prompt_selection:
+        with timer("selection"):  # the critic's forward over the pool: part of the step
+            chosen = select_step_prompts(c, cfg, seed)
+        records = chosen.records
+    else:
+        with timer("data"):
+            records = c.prompts.next_batch(cfg.trainer.prompts_per_step)
+    sampled = generate_and_score(c, cfg, records, seed, timer)
+    batch = make_step_batch(c, cfg, sampled.records, sampled.rollouts, sampled.scored)
+    metrics = {**sampled.scored.metrics, **sampled.metrics, **(chosen.metrics if chosen else {})}
 
     if c.critic is not None:
         with timer("critic"):
-            rl_step.critic_values(c.critic, batch, cfg)
+            if chosen is not None:  # the pool's forward already gave the chosen prompts' values
+                batch.critic_logits = chosen.critic_logits[batch.group_index]
+            else:
+                rl_step.critic_values(c.critic, batch, cfg)
             if (cfg.critic.head_bias_init == "first_batch" and not c.state.get("bias_set")
                     and cfg.algorithm.estimator == "sppo"):
                 metrics["critic_head_bias"] = rl_step.set_head_bias(
@@ -110,7 +115,7 @@ def run_step(c: Components, cfg: Config, step: int) -> dict:
         c.colocation.after_sync()
     metrics.update(step_metrics(batch, cfg))
     metrics.update(timer.times)
-    generated = float(batch.tensors.response_mask.sum())
+    generated = sampled.generated_tokens  # dropped groups included (dynamic sampling)
     metrics["generated_tokens"] = generated
     metrics["tokens_per_second"] = generated / max(sum(timer.times.values()), 1e-9)
     return metrics
