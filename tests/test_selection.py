@@ -7,6 +7,7 @@ count with a scripted engine and scorer."""
 from __future__ import annotations
 
 import itertools
+import math
 import json
 import random
 from collections import Counter
@@ -306,3 +307,22 @@ def test_critic_pool_forward_at_tp2_equals_tp1(zoo, pool_tp1):
         assert r["tp"] == 2
         assert r["step_diff"] <= 1e-6 and r["reference_diff"] <= 1e-5
         assert r["pool"] == pytest.approx(pool_tp1["pool"], abs=1e-5)
+
+
+def test_held_out_diagnostics_of_the_critic_ranking():
+    from megatron_sppo.trainer.evaluation import selection_eval_metrics
+
+    v = torch.tensor([0.02, 0.03, 0.5, 0.6, 0.96, 0.99], dtype=torch.float64)
+    outcomes = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1],
+                             [1, 1, 1, 1], [1, 0, 1, 1]], dtype=torch.float32)
+    m = selection_eval_metrics(torch.logit(v), outcomes, floor=0.05, ceiling=0.95)
+    # V < 0.05: prompts 0 (never solved: right) and 1 (solved once); V > 0.95: 4 (always
+    # solved: right) and 5
+    assert m["selection_too_hard_right"] == m["selection_too_easy_right"] == 0.5
+    assert m["selection_too_hard_share"] == m["selection_too_easy_share"] == pytest.approx(1 / 3)
+    signal = (v * (1 - v)).tolist()
+    mixed, agree = [1, 2, 5], [0, 3, 4]
+    wins = sum(signal[i] > signal[j] for i in mixed for j in agree)  # no ties here
+    assert m["selection_signal_auc"] == pytest.approx(wins / 9)
+    none = selection_eval_metrics(torch.zeros(2), outcomes[:2], floor=0.05, ceiling=0.95)
+    assert math.isnan(none["selection_too_hard_right"])
