@@ -234,7 +234,7 @@ def _dynamic_components(solved, *overrides):
     c = SimpleNamespace(prompts=PromptIterator(_records(100), shuffle=False),
                         generate=script.generate, score=script.score,
                         colocation=SimpleNamespace(for_rollout=lambda: None,
-                                                   for_training=lambda: None))
+                                                   for_training=lambda **_: None))
     return cfg, c, script
 
 

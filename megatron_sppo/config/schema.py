@@ -124,9 +124,20 @@ class SGLangConfig:
     servers share the trainer's GPUs, so Megatron's gradients and optimizer states leave the
     GPU while they generate and (with ``enable_memory_saver``) the servers release their
     memory while Megatron trains; false for servers on their own GPUs.
+    Colocated servers get their weights over CUDA IPC (``/update_weights_from_tensor``, each
+    trainer rank on a server GPU supplying that TP rank's entry); servers on their own GPUs
+    over an NCCL broadcast from rank 0 (``/update_weights_from_distributed``).
     ``sync_master_address``/``sync_master_port``: where the servers reach this trainer's rank
     0 for the NCCL weight broadcast (default: this host's name when the servers are given by
-    address, 127.0.0.1 for servers the trainer launches itself)."""
+    address, 127.0.0.1 for servers the trainer launches itself).
+    ``enable_deterministic_inference``: launch the servers with SGLang's flag of that name, the
+    only way SGLang 0.5.23 uses the per-sample seeds the trainer sends, so rollouts repeat
+    run to run; it costs decoding speed (batch-invariant kernels, the pytorch sampler, a
+    restricted choice of attention backends) and refuses min_p. Without it seeds are
+    best-effort: SGLang ignores them and rollouts differ between runs.
+    ``n_mode``: ``duplicate`` sends the n samples of a prompt as n requests with seeds of
+    their own; ``parallel`` uses SGLang's n (one prefill per prompt), which shares one seed
+    among the n samples and is therefore refused with ``enable_deterministic_inference``."""
 
     addresses: list[str] = field(default_factory=list)
     model_path: str | None = None
@@ -145,6 +156,16 @@ class SGLangConfig:
     bucket_mb: int = 512
     sync_master_address: str | None = None
     sync_master_port: int = 29700
+    enable_deterministic_inference: bool = False
+    n_mode: str = "duplicate"
+
+    def check(self) -> None:
+        _choice("rollout.sglang.n_mode", self.n_mode, ("duplicate", "parallel"))
+        if self.n_mode == "parallel" and self.enable_deterministic_inference:
+            raise UserError("config key rollout.sglang.n_mode=parallel with "
+                            "rollout.sglang.enable_deterministic_inference=true: SGLang draws "
+                            "the n samples of a prompt with one seed, so they come out "
+                            "identical; use n_mode=duplicate")
 
 
 @dataclass
@@ -166,6 +187,7 @@ class RolloutConfig:
                      "rollout.max_response_length": self.max_response_length})
         if not 0 < self.top_p <= 1:
             raise UserError(f"config key rollout.top_p={self.top_p} must be in (0, 1]")
+        self.sglang.check()
 
 
 @dataclass

@@ -82,8 +82,9 @@ class _Devices:
         self.allocated, self.reserved, self.peak, self.published = [0] * n, [0] * n, [0] * n, [0] * n
         self.lock = threading.RLock()
         root = os.environ.get(ENV_DIR)
-        if not root:  # first process of a run: its children share the directory
-            root = tempfile.mkdtemp(prefix="megatron-sppo-emulated-gpus-")
+        if not root:  # one directory per session (torchrun's ranks), inherited by children
+            root = os.path.join(tempfile.gettempdir(),
+                                f"megatron-sppo-emulated-gpus-{os.getuid()}-{os.getsid(0)}")
             os.environ[ENV_DIR] = root
         self.root = Path(root)
 
@@ -653,6 +654,11 @@ def _tensor_cpu(self, *args, **kwargs):
 
 
 def _patch_factories() -> None:
+    # torch's device context managers (``with torch.device("meta")``, which transformers
+    # builds models under) recognise factories by identity: cache the originals first
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
     for name in _FACTORIES:
         setattr(torch, name, _factory(getattr(torch, name)))
     for name in ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor"):

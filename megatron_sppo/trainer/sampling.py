@@ -43,8 +43,10 @@ def _tokens(samples: list) -> int:
     return sum(len(s.token_ids) for per_prompt in samples for s in per_prompt)
 
 
-def generate_and_score(c, cfg: Config, records: list, seed: int, timer) -> StepRollouts:
-    """Collective: rollouts and rewards of ``records`` (more prompts with dynamic sampling)."""
+def generate_and_score(c, cfg: Config, records: list, seed: int, timer,
+                       release_weights: bool = True) -> StepRollouts:
+    """Collective: rollouts and rewards of ``records`` (more prompts with dynamic sampling);
+    ``release_weights``: the engine may drop its weights for training (a sync follows)."""
     with timer("rollout"):
         c.colocation.for_rollout()
         rollouts = c.generate(records, seed)
@@ -54,7 +56,7 @@ def generate_and_score(c, cfg: Config, records: list, seed: int, timer) -> StepR
     if cfg.algorithm.dynamic_sampling:
         out = _fill_with_informative_groups(c, cfg, out, seed, timer)
     with timer("rollout"):
-        c.colocation.for_training()
+        c.colocation.for_training(release_weights=release_weights)
     return out
 
 
