@@ -68,8 +68,7 @@ class MetricsLog:
             self.writer.flush()
         if self.bar is not None and "reward_mean" in metrics:
             self.bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
-                                 acc=f"{metrics.get('accuracy', float('nan')):.3f}",
-                                 train_s=f"{metrics.get('train_seconds', 0.0):.0f}")
+                                 acc=f"{metrics.get('accuracy', float('nan')):.3f}")
             self.bar.update(1)
 
     def close(self) -> None:
