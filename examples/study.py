@@ -4,9 +4,10 @@ efficiency claim, and of whether the critic pays for itself by choosing prompts.
 
     python examples/study.py --output-dir outputs/study --docs-dir docs   # ~55 min, 2 cores
 
-30 runs (2 tasks x 5 methods x 3 seeds) of --max-train-seconds=75 each, plus start-up and
-evaluations: about 110 s a run on two idle cores (the earlier 18-run study took 33 min). A
-line before and after each run shows where the study is and the time left.
+30 runs (2 tasks x 5 methods x 3 seeds) of --max-train-seconds=70 each, plus start-up and
+evaluations: an estimated 105 s a run on two idle cores (the earlier study's 18 runs of 75 s
+took 33 min), and 3.5 min more if the warm-started model is not cached yet. A line before
+and after each run shows where the study is and the time left.
 
 Every method starts from the same warm-started tiny model (builtin:tiny-arithmetic), sees the
 same prompt stream (per seed) and trains on 64 responses per step; each run stops when its
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--max-train-seconds", type=float, default=75.0)
+    p.add_argument("--max-train-seconds", type=float, default=70.0)
     p.add_argument("--eval-interval", type=int, default=15)
     p.add_argument("--eval-size", type=int, default=200, help="held-out problems")
     p.add_argument("--eval-samples", type=int, default=4, help="samples per problem")
