@@ -65,6 +65,15 @@ class Components:
             ids = [truncate_left(x, self.cfg.rollout.max_prompt_length) for x in ids]
         return ids
 
+    def critic_inputs(self, records, policy_ids: list[list[int]] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded prompt ids and lengths in the critic's tokenization (SPPO);
+        ``policy_ids``, the prompts already tokenized for the policy, serve when the two
+        tokenizers are the same."""
+        if policy_ids is None or self.critic_tokenizer is not None:
+            policy_ids = self.prompt_ids(records, self.critic_tokenizer or self.tokenizer)
+        return pad_prompts(policy_ids)
+
     def sampling(self, seed: int, greedy: bool = False) -> SamplingParams:
         r = self.cfg.rollout
         return SamplingParams(temperature=0.0 if greedy else r.temperature, top_p=r.top_p,
@@ -124,6 +133,17 @@ class Components:
             self.scorer.close()
 
 
+def step_outcomes(cfg: Config, scored: Scored, truncated: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards and 0/1 correctness per sample after the truncation policy."""
+    rewards = torch.tensor(scored.rewards, dtype=torch.float32)
+    correctness = torch.tensor(scored.correctness, dtype=torch.float32)
+    if cfg.algorithm.truncated_reward is not None:
+        rewards = torch.where(truncated, cfg.algorithm.truncated_reward, rewards)
+        correctness = torch.where(truncated, 0.0, correctness)
+    return rewards, correctness
+
+
 def make_step_batch(c: Components, cfg: Config, records, rollouts: dict,
                     scored: Scored) -> StepBatch:
     """Flatten n samples per prompt into one row each; apply the truncation policy: with
@@ -142,11 +162,7 @@ def make_step_batch(c: Components, cfg: Config, records, rollouts: dict,
     tensors = pad_rollouts(rows_prompt, rows_resp, rows_lp,
                            pad_id=c.tokenizer.pad_token_id or 0)
     truncated_t = torch.tensor(truncated, dtype=torch.bool)
-    rewards = torch.tensor(scored.rewards, dtype=torch.float32)
-    correctness = torch.tensor(scored.correctness, dtype=torch.float32)
-    if cfg.algorithm.truncated_reward is not None:
-        rewards = torch.where(truncated_t, cfg.algorithm.truncated_reward, rewards)
-        correctness = torch.where(truncated_t, 0.0, correctness)
+    rewards, correctness = step_outcomes(cfg, scored, truncated_t)
     loss_mask = tensors.response_mask
     if not cfg.algorithm.truncated_in_loss:
         loss_mask = loss_mask * (~truncated_t).float()[:, None]
@@ -157,10 +173,8 @@ def make_step_batch(c: Components, cfg: Config, records, rollouts: dict,
         greedy = torch.tensor(scored.metrics.pop("greedy_rewards"), dtype=torch.float32)
         batch.greedy_rewards = greedy[batch.group_index]
     if c.critic is not None and cfg.algorithm.estimator == "sppo":
-        critic_ids = (prompt_ids if c.critic_tokenizer is None else
-                      c.prompt_ids(records, c.critic_tokenizer))
-        ids, lengths = pad_prompts([critic_ids[g] for g in group])
-        batch.critic_prompt_ids, batch.critic_prompt_lengths = ids, lengths
+        ids, lengths = c.critic_inputs(records, prompt_ids)
+        batch.critic_prompt_ids, batch.critic_prompt_lengths = ids[group], lengths[group]
     return batch
 
 

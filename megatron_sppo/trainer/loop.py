@@ -25,6 +25,8 @@ from megatron_sppo.trainer.checkpointing import (latest_checkpoint, load_trainin
                                                  start_checkpoint_writer)
 from megatron_sppo.trainer.components import Components, build_components, make_step_batch
 from megatron_sppo.trainer.preemption import clear_stopped, stop_request
+from megatron_sppo.trainer.sampling import generate_and_score
+from megatron_sppo.trainer.selection import select_step_prompts
 
 
 class PhaseTimer:
@@ -50,22 +52,26 @@ def run_step(c: Components, cfg: Config, step: int) -> dict:
     timer = PhaseTimer()
     seed = step_seed(cfg, step)
     torch.manual_seed(seed)
-    with timer("data"):
-        records = c.prompts.next_batch(cfg.trainer.prompts_per_step)
-    with timer("rollout"):
-        c.colocation.for_rollout()
-        rollouts = c.generate(records, seed)
-    with timer("reward"):
-        scored = c.score(records, rollouts)
+    chosen = None
+    if cfg.algorithm.prompt_selection:
+        with timer("selection"):  # the critic's forward over the pool: part of the step
+            chosen = select_step_prompts(c, cfg, seed)
+        records = chosen.records
+    else:
+        with timer("data"):
+            records = c.prompts.next_batch(cfg.trainer.prompts_per_step)
     policy_learns = step > cfg.critic.warmup_steps or c.critic is None
-    with timer("rollout"):  # no sync follows a warm-up step: the engine keeps its weights
-        c.colocation.for_training(release_weights=policy_learns)
-    batch = make_step_batch(c, cfg, records, rollouts, scored)
-    metrics = dict(scored.metrics)
+    # no sync follows a warm-up step: the engine keeps its weights
+    sampled = generate_and_score(c, cfg, records, seed, timer, release_weights=policy_learns)
+    batch = make_step_batch(c, cfg, sampled.records, sampled.rollouts, sampled.scored)
+    metrics = {**sampled.scored.metrics, **sampled.metrics, **(chosen.metrics if chosen else {})}
 
     if c.critic is not None:
         with timer("critic"):
-            rl_step.critic_values(c.critic, batch, cfg)
+            if chosen is not None:  # the pool's forward already gave the chosen prompts' values
+                batch.critic_logits = chosen.critic_logits[batch.group_index]
+            else:
+                rl_step.critic_values(c.critic, batch, cfg)
             if (cfg.critic.head_bias_init == "first_batch" and not c.state.get("bias_set")
                     and cfg.algorithm.estimator == "sppo"):
                 metrics["critic_head_bias"] = rl_step.set_head_bias(
@@ -93,7 +99,7 @@ def run_step(c: Components, cfg: Config, step: int) -> dict:
     metrics.update(step_metrics(batch, cfg))
     metrics.update(c.colocation.memory)
     metrics.update(timer.times)
-    generated = float(batch.tensors.response_mask.sum())
+    generated = sampled.generated_tokens  # dropped groups included (dynamic sampling)
     metrics["generated_tokens"] = generated
     metrics["tokens_per_second"] = generated / max(sum(timer.times.values()), 1e-9)
     return metrics
