@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_sppo.runtime.cpu import NoOpEvent, NoOpStream
+
 ENV = "MEGATRON_SPPO_EMULATE_GPU"
 ENV_COUNT = "MEGATRON_SPPO_EMULATE_GPU_COUNT"
 ENV_MEMORY = "MEGATRON_SPPO_EMULATE_GPU_MEMORY"
@@ -437,6 +439,7 @@ def _check_devices(func, args, kwargs) -> int | None:
 
 
 def _unwrap(x):
+    """Device tensors (also inside lists and tuples) as their host data."""
     if isinstance(x, DeviceTensor):
         return x.elem
     if isinstance(x, (list, tuple)):
@@ -594,15 +597,6 @@ def _module_to(self, *args, **kwargs):
 
 # ---- the function mode: factories on "cuda", host-tensor origins --------------------------
 
-def _host_values(data):
-    """``torch.tensor`` data with device tensors read back (CUDA reads 0-dim ones' values)."""
-    if isinstance(data, DeviceTensor):
-        return data.elem
-    if isinstance(data, (list, tuple)):
-        return type(data)(_host_values(x) for x in data)
-    return data
-
-
 _FROM_DATA = ("tensor", "as_tensor", "asarray")
 
 
@@ -613,7 +607,7 @@ def _create(func, args, kwargs):
     if getattr(func, "__name__", "") in _FROM_DATA and args:
         if device is None and isinstance(args[0], DeviceTensor):  # a copy stays on its device
             device = args[0].device
-        args = (_host_values(args[0]), *args[1:])
+        args = (_unwrap(args[0]), *args[1:])  # CUDA reads 0-dim device values back
     index = _index_of(device)
     if index is None:
         return func(*args, **kwargs)
@@ -714,55 +708,11 @@ class _Props:
         self.index = index
 
 
-class _Stream:
-    """``torch.cuda.Stream`` stand-in (a class: transformers evaluates ``Stream | None``)."""
+class _Stream(NoOpStream):
+    """``torch.cuda.Stream`` on the current emulated device (work is synchronous here)."""
 
     def __init__(self, *args, **kwargs):
         self.device = torch.device("cuda", devices().current)
-
-    def wait_stream(self, *args, **kwargs):
-        pass
-
-    def wait_event(self, *args, **kwargs):
-        pass
-
-    def record_event(self, event=None):
-        return event or _Event()
-
-    def synchronize(self):
-        pass
-
-    def query(self):
-        return True
-
-    def is_capturing(self):
-        return False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-class _Event:
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def record(self, *args, **kwargs):
-        pass
-
-    def wait(self, *args, **kwargs):
-        pass
-
-    def synchronize(self):
-        pass
-
-    def query(self):
-        return True
-
-    def elapsed_time(self, other):
-        return 0.0
 
 
 class _DeviceContext:
@@ -812,7 +762,7 @@ def _patch_cuda() -> None:
     cuda.empty_cache = d.empty_cache
     cuda.ipc_collect = lambda: None
     cuda.Stream = cuda.ExternalStream = _Stream
-    cuda.Event = _Event
+    cuda.Event = NoOpEvent
     cuda.current_stream = cuda.default_stream = lambda device=None: _Stream()
     cuda.stream = lambda stream=None: contextlib.nullcontext(stream)
     cuda.set_stream = lambda stream: None
