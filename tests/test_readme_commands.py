@@ -46,6 +46,8 @@ NOT_RUN = {
     "bash tools/setup_cpu.sh && .venv/bin/megatron-sppo demo --output-dir outputs/demo":
         "set-up command (1): CI runs it (.ci/run); test_demo.py runs the demo at small size",
     "bash tools/run_tests.sh": "set-up command (2): the whole suite, which CI runs",
+    ".venv/bin/python -m pytest tests/test_preemption.py":
+        "one file of the suite (set-up command 2), which CI runs",
     "megatron-sppo train --config FILE.yaml [--resume auto|DIR] [key=value ...]":
         "synopsis with placeholders; its concrete forms (TRAIN, TORCHRUN) are run",
     "torchrun --nproc-per-node 8 -m megatron_sppo.train --config FILE.yaml ...":

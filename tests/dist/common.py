@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -15,6 +16,19 @@ from megatron_sppo.models.inputs import causal_inputs  # noqa: E402,F401  (re-ex
 from megatron_sppo.runtime import enable_cpu_megatron  # noqa: E402
 
 enable_cpu_megatron()
+
+
+def _leave_together() -> None:
+    """Destroy the process groups before interpreter exit, as train/sft do: gloo pairs torn
+    down by static destructors can abort a rank ("terminate called without an active
+    exception"). Skipped after an uncaught exception, whose peers may never reach a barrier."""
+    if getattr(sys, "last_exc", None) is None and getattr(sys, "last_value", None) is None:
+        from megatron_sppo.runtime.distributed import shutdown_distributed
+
+        shutdown_distributed()
+
+
+atexit.register(_leave_together)
 
 
 def sample_batch(vocab_size: int, batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
