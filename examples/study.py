@@ -108,7 +108,10 @@ def table(results: dict, target: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path,
+         title: str = "SPPO vs baselines on the built-in arithmetic task") -> None:
+    """Held-out sampled pass@1 against training seconds and generated tokens; ``results``:
+    {label: {seed: evaluation points}} (also tools/benchmark_vs_trl.py's plot)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,7 +130,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_ylabel("held-out pass@1 (sampled)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("SPPO vs baselines on the built-in arithmetic task (one line per seed)")
+    fig.suptitle(f"{title} (one line per seed)")
     save_figure_atomic(fig, path)
 
 
