@@ -40,6 +40,7 @@ RUN_HERE = (TRAIN, TORCHRUN, CONVERT, VERIFY, EXPORT)
 RUN_ELSEWHERE = {
     "pretrain_gpt.py": "test_megatron_lm_interop.py",
     "--megatron-path ckpt/r1-7b-continued": "test_megatron_lm_interop.py",
+    "benchmark_vs_trl.py": "test_benchmark_vs_trl.py",
 }
 
 NOT_RUN = {
