@@ -5,9 +5,10 @@ efficiency claim.
     python examples/study.py --output-dir outputs/study            # ~40 min on 2 cores
 
 Every method starts from the same warm-started tiny model (builtin:tiny-arithmetic), sees the
-same prompt stream (per seed) and generates 64 responses per step; each run stops when its
-training time (rollout + reward + critic + policy + sync, evaluation excluded) reaches
---max-train-seconds. Methods:
+same prompt stream (per seed) and generates 64 responses per step, which it learns from in 4
+PPO mini-batches (the config's 16 prompts; 2 prompts x 8 for the n = 8 methods); each run stops
+when its training time (the whole step, evaluation excluded) reaches --max-train-seconds.
+Methods:
 
   sppo               SPPO (n=1): A = R - V(prompt), learned prompt-only critic
   sppo_running_mean  the ablation: V = running mean of past success rates (no critic)
@@ -39,10 +40,11 @@ from megatron_sppo.fileio import save_figure_atomic, write_text_atomic  # noqa: 
 METHODS = {
     "sppo": [],
     "sppo_running_mean": ["algorithm.sppo_baseline=running_mean"],
-    "grpo": ["algorithm.estimator=grpo", "rollout.n=8", "trainer.prompts_per_step=8"],
+    "grpo": ["algorithm.estimator=grpo", "rollout.n=8", "trainer.prompts_per_step=8",
+             "trainer.mini_batch_size=2"],
     "ppo_gae": ["algorithm.estimator=gae", "critic.warmup_steps=10"],
     "rloo": ["algorithm.estimator=rloo", "rollout.n=8", "trainer.prompts_per_step=8",
-             "algorithm.kl_in_reward=0.001"],
+             "trainer.mini_batch_size=2", "algorithm.kl_in_reward=0.001"],
     "remax": ["algorithm.estimator=remax", "algorithm.kl_in_reward=0.001"],
 }
 
