@@ -378,9 +378,10 @@ def summarize(runs: dict, args) -> dict:
 
 def table(summary: dict, args) -> str:
     target = f"{args.target:.0%}"
-    lines = [f"| system | median step (s) | phases, median (s) | steps in {args.max_train_seconds:g} s"
-             f" | held-out sampled pass@1 after {args.tokens_at / 1e3:g}k generated tokens | "
-             f"generated tokens to {target} | training s to {target} | peak pass@1 |",
+    lines = [f"| system | median step (s) | phases, median (s) | steps in "
+             f"{args.max_train_seconds:g} s | held-out sampled pass@1 after "
+             f"{args.tokens_at / 1e3:g}k generated tokens | generated tokens to {target} | "
+             f"training s to {target} | peak pass@1 |",
              "|---|---|---|---|---|---|---|---|"]
     for system, s in summary.items():
         phases = ", ".join(f"{k} {v:.3f}" for k, v in s["phases"].items())

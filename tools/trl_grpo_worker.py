@@ -7,10 +7,10 @@ file names the warm-start HF model, the prompts (in the order megatron_sppo's tr
 them, with the prompt ids it builds), the GRPOConfig settings, the seed and the budget.
 
 Writes into the job's ``output_dir``: ``settings.json`` (the full GRPOConfig as TRL resolved
-it), ``steps.jsonl`` (per optimizer step: wall seconds from the previous step's end, its
-phases, generated tokens, mean reward) and ``checkpoints/step_NNNNNN`` (HF checkpoints at the
-evaluation steps and at the last step, saved outside the timed region) for the benchmark's
-held-out evaluator, which is megatron_sppo's.
+it), ``steps.jsonl`` (per step, one generation batch and the optimizer steps on it: wall
+seconds, phases, generated tokens, mean reward) and ``checkpoints/step_NNNNNN`` (HF
+checkpoints at the evaluation steps and at the last step, saved outside the timed region) for
+the benchmark's held-out evaluator, which is megatron_sppo's.
 """
 
 from __future__ import annotations
@@ -24,18 +24,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def boxed_answer(text: str):
-    """The task's own answer extraction (megatron_sppo/data/arithmetic.py), loaded from the
-    checkout: megatron_sppo itself is not installed in this environment."""
-    sys.path.insert(0, str(REPO))
-    from megatron_sppo.data.arithmetic import boxed_answer as extract
-
-    return extract(text)
-
-
 def arithmetic_reward(max_tokens: int, eos_ids: set[int]):
-    """1 when the last boxed integer is the answer, else 0; a response cut at the length
-    limit earns 0, as megatron_sppo's ``algorithm.truncated_reward=0`` gives it."""
+    """1 when the last boxed integer is the answer (the task's own check, from the checkout:
+    megatron_sppo is not installed in this environment), else 0; a response cut at the
+    length limit earns 0, as megatron_sppo's ``algorithm.truncated_reward=0`` gives it."""
+    sys.path.insert(0, str(REPO))
+    from megatron_sppo.data.arithmetic import boxed_answer
 
     def reward(completions, answer, completion_ids, **_):
         out = []

@@ -153,11 +153,13 @@ def compute_step_advantages(batch: StepBatch, cfg: Config) -> None:
     batch.advantages, batch.returns = out.advantages, out.returns
 
 
-def mini_batches(batch: StepBatch, cfg: Config, seed: int) -> list[list[int]]:
-    """Sample rows of each PPO mini-batch for every epoch; a prompt's n samples stay together
-    and the prompt order is reshuffled each epoch (seeded by step and epoch)."""
+def mini_batches(batch: StepBatch, cfg: Config, seed: int,
+                 size: int | None = None) -> list[list[int]]:
+    """Sample rows of each PPO mini-batch of ``size`` prompts (default
+    ``trainer.mini_batch_size``) for every epoch; a prompt's n samples stay together and the
+    prompt order is reshuffled each epoch (seeded by step and epoch)."""
     prompts = int(batch.group_index.max()) + 1
-    per = cfg.trainer.mini_batch_size or prompts
+    per = size or cfg.trainer.mini_batch_size or prompts
     out = []
     for epoch in range(cfg.trainer.ppo_epochs):
         order = (torch.randperm(prompts, generator=torch.Generator().manual_seed(seed + epoch))
@@ -168,12 +170,13 @@ def mini_batches(batch: StepBatch, cfg: Config, seed: int) -> list[list[int]]:
     return out
 
 
-def single_update(batch: StepBatch, cfg: Config) -> bool:
-    """One optimizer step on the whole batch (one PPO epoch, one mini-batch). Its forward
-    then runs the pre-update weights over every row, so what a separate forward pass would
-    compute before it comes out of the update's own forward, detached, exactly (as TRL's
-    GRPOTrainer does with num_iterations=1): a full forward pass saved per model."""
-    return len(mini_batches(batch, cfg, seed=0)) == 1
+def single_update(batch: StepBatch, cfg: Config, size: int | None = None) -> bool:
+    """One optimizer step on the whole batch (one PPO epoch, one mini-batch of ``size``
+    prompts). Its forward then runs the pre-update weights over every row, so what a
+    separate forward pass would compute before it comes out of the update's own forward,
+    detached, exactly (as TRL's GRPOTrainer does with num_iterations=1): a full forward pass
+    saved per model."""
+    return len(mini_batches(batch, cfg, seed=0, size=size)) == 1
 
 
 def old_logprobs_from_update(batch: StepBatch, cfg: Config) -> bool:
@@ -186,7 +189,8 @@ def old_logprobs_from_update(batch: StepBatch, cfg: Config) -> bool:
 def critic_values_from_update(batch: StepBatch, cfg: Config) -> bool:
     """SPPO's pre-update V(prompt) comes from the critic update's forward: a single update,
     and the BCE target (the 0/1 outcome) does not depend on the advantage."""
-    return cfg.algorithm.estimator == "sppo" and single_update(batch, cfg)
+    return (cfg.algorithm.estimator == "sppo"
+            and single_update(batch, cfg, cfg.critic_mini_batch_size))
 
 
 def _run_update(model: TrainedModel, run, rows_per_mini: list[list[int]]) -> list[dict]:
@@ -220,7 +224,8 @@ def update_critic(critic: TrainedModel, batch: StepBatch, cfg: Config, seed: int
                                              max_tokens=max_tokens, layout=critic.layout,
                                              clip_range=cfg.algorithm.value_clip)
 
-    stats = _run_update(critic, run, mini_batches(batch, cfg, seed))
+    stats = _run_update(critic, run, mini_batches(batch, cfg, seed,
+                                                  cfg.critic_mini_batch_size))
     if cfg.algorithm.estimator == "sppo" and batch.critic_logits is None:
         (only,) = stats
         batch.critic_logits = share_rows(only["results"], "logits", (batch.size,),
