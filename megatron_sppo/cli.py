@@ -196,6 +196,12 @@ def run_tool(func, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        # first, before the parser's imports (seconds): a stop signal during start-up is kept
+        from megatron_sppo.trainer.preemption import stop_request
+
+        stop_request()
     parser = build_parser()
     # key=value overrides may come before or after --resume: collect those argparse left over
     args, extra = parser.parse_known_args(argv)

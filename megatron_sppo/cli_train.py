@@ -24,14 +24,17 @@ def run_train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides, world_size=_world_size())
     check_fp8_runtime({"policy": cfg.policy.fp8,
                        **({"critic": cfg.critic.fp8} if cfg.algorithm.needs_critic else {})})
+    from megatron_sppo.runtime.distributed import shutdown_distributed
     from megatron_sppo.trainer.loop import train  # megatron-core is imported from here on
 
     out = train(cfg, resume=args.resume)
+    shutdown_distributed()
     if _is_rank0():
         print(f"outputs: {out}")
 
 
 def run_sft_command(args: argparse.Namespace) -> None:
+    from megatron_sppo.runtime.distributed import shutdown_distributed
     from megatron_sppo.trainer.sft import SFTConfig, run_sft
 
     path = run_sft(SFTConfig(model=args.model, data=args.data, output=args.output,
@@ -40,6 +43,7 @@ def run_sft_command(args: argparse.Namespace) -> None:
                              adam_beta2=args.adam_beta2, tp=args.tp,
                              pp=args.pp, max_tokens=args.max_tokens, seed=args.seed,
                              progress=not args.no_progress))
+    shutdown_distributed()
     if _is_rank0():
         print(f"wrote {path}")
 

@@ -95,3 +95,17 @@ def readme_command(marker: str) -> str:
     found = [c for c in readme_commands() if marker in c]
     assert len(found) == 1, f"{len(found)} README commands contain {marker!r}: {found}"
     return found[0]
+
+
+def sglang_kv_tokens(model, budget: int, tp: int, mem_fraction_static: float) -> int:
+    """SGLang 0.5.23's KV pool size for ``model`` (a transformers model, fp32) served at TP
+    ``tp`` on a GPU of ``budget`` bytes with nothing else on it: (free after loading - free
+    before x (1 - mem_fraction_static)) // cell, cell = kv heads per rank x 2 x head_dim x
+    layers x 4 bytes (mem_cache/kv_cache_configurator.py, model_executor/pool_configurator.py);
+    each stand-in rank holds the model's parameters and buffers."""
+    config, gib = model.config, 1 << 30
+    loaded = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    head_dim = config.hidden_size // config.num_attention_heads
+    cell = max(1, config.num_key_value_heads // tp) * 2 * head_dim * config.num_hidden_layers * 4
+    rest = (budget - loaded) / gib - budget / gib * (1 - mem_fraction_static)
+    return int(rest * gib) // cell

@@ -160,3 +160,23 @@ def test_max_response_chars_bounds_every_demonstration():
         assert longest <= ar.max_response_chars({lv: spec}) <= longest + 4
     assert ar.max_response_chars() == max(ar.max_response_chars({k: v})
                                           for k, v in ar.LEVELS.items())
+
+
+def test_graded_task_levels_ranges_and_lengths():
+    graded = ar.TASKS["graded"]
+    recs = ar.make_sft_records(2400, seed=0, corrupt=0.5, levels=graded)
+    for lv, spec in graded.items():
+        low, high = spec.first_range
+        problems = ar.generate_problems(300, split="train", seed=2, levels={lv: spec},
+                                        unique=False)
+        assert all(low <= p.numbers[0] <= high and len(p.numbers) == spec.operands
+                   and all(n < 10 ** spec.digits for n in p.numbers[1:]) for p in problems)
+        longest = max(len(r["response"]) for r in recs if r["level"] == lv)
+        assert longest <= ar.max_response_chars({lv: spec}) <= longest + 4
+    # the demo config's response limit (48 tokens, one a character plus end of turn) fits
+    assert ar.max_response_chars(graded) < 48
+    held = ar.make_prompt_records(200, split="heldout", seed=0, levels=graded)
+    assert Counter(r["level"] for r in held) == {lv: 25 for lv in graded}
+    assert ar.TASKS["demo"] is ar.LEVELS
+    with pytest.raises(UserError, match=r"first=\(5, 3\)"):
+        ar.Level(operands=2, digits=1, first=(5, 3))

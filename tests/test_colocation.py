@@ -1,14 +1,16 @@
 """Colocated trainer + SGLang: the order in which memory changes hands (engine release and
 resume tags, Megatron's gradient buffers freed while the engine generates) on a real
-megatron-core model on CPU, and an update after a full offload/restore cycle equal to one
-without it."""
+megatron-core model on CPU, an update after a full offload/restore cycle equal to one
+without it, and released engine weights never resumed without a push (a warm-up step keeps
+them; a rollout from released weights is refused)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from megatron_sppo.config import ModelConfig
-from megatron_sppo.trainer.colocation import Colocation
+from megatron_sppo.trainer.colocation import CACHES, WEIGHTS, Colocation
 
 
 class RecordingEngine:
@@ -53,19 +55,28 @@ def test_memory_changes_hands_in_order_and_training_is_unchanged(zoo, megatron_t
     cycled, plain = _model(hf), _model(hf)
     engine = RecordingEngine()
     col = Colocation(engine, [cycled], enabled=True, release_engine=True)
-
+    col.release(WEIGHTS + CACHES)  # at start-up, before Megatron allocates
+    col.before_sync()  # the first sync: weights back, pushed
     col.for_rollout()
     assert all(size == 0 for size in _grad_storage(cycled))  # freed while generating
-    col.for_training()
+    assert engine.calls == [("release", ["weights", "kv_cache", "cuda_graph"]),
+                            ("resume", ["weights"]), ("resume", ["kv_cache", "cuda_graph"])]
+    col.for_training(release_weights=False)  # a critic warm-up step: no sync follows
     assert all(size > 0 for size in _grad_storage(cycled))
-    assert engine.calls == [("release", None)]
+    col.for_rollout()
+    assert engine.calls[3:] == [("release", ["kv_cache", "cuda_graph"]),
+                                ("resume", ["kv_cache", "cuda_graph"])]
+    col.for_training()
     loss_cycled = _update(cycled, tokenizer)
+    with pytest.raises(RuntimeError, match="generate from garbage"):
+        col.for_rollout()  # released weights that no sync brought back
     col.before_sync()
-    col.after_sync()
-    assert engine.calls[1:] == [("resume", ["weights"]), ("resume", ["kv_cache", "cuda_graph"])]
+    col.for_rollout()
+    assert engine.calls[5:] == [("release", ["kv_cache", "cuda_graph", "weights"]),
+                                ("resume", ["weights"]), ("resume", ["kv_cache", "cuda_graph"])]
     assert all(size == 0 for size in _grad_storage(cycled))
     col.for_rollout()  # already there: nothing happens twice
-    assert len(engine.calls) == 3
+    assert len(engine.calls) == 8
 
     loss_plain = _update(plain, tokenizer)
     assert loss_cycled == loss_plain
@@ -74,5 +85,5 @@ def test_memory_changes_hands_in_order_and_training_is_unchanged(zoo, megatron_t
 
     idle = RecordingEngine()
     off = Colocation(idle, [plain], enabled=False, release_engine=True)
-    off.for_rollout(), off.for_training(), off.before_sync(), off.after_sync()
+    off.release(WEIGHTS), off.for_rollout(), off.for_training(), off.before_sync()
     assert idle.calls == [] and all(size > 0 for size in _grad_storage(plain))

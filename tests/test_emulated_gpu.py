@@ -56,6 +56,7 @@ def test_module_moves_keep_parameter_attributes_and_gradients_stay_on_device():
     assert r["host_grad"] == "cpu"  # .cuda() is differentiable back to the host
     assert r["offloaded"] == ["cpu", True]
     assert r["restored"] == ["cuda:0", True, True]
+    assert r["hook_after_restore"]  # the same tensor: hooks on its grad accumulator survive
 
 
 def test_memory_is_accounted_like_the_caching_allocator_and_seen_across_processes(tmp_path):

@@ -82,12 +82,18 @@ def test_duplicated_requests_map_back_in_order_across_replicas(fakes):
 
 
 def test_parallel_n_output_j_belongs_to_prompt_j_div_n(fakes):
-    client = _client(fakes(), n_mode="parallel", batch_size=6)
-    out = client.generate(PROMPTS, SamplingParams(max_new_tokens=4, n=3))
+    """SGLang's n on servers that ignore seeds (no --enable-deterministic-inference): the
+    trainer's seed is not sent, the n samples differ and come back grouped by prompt; servers
+    honouring seeds would draw the n samples alike, so there it is refused."""
+    fake = fakes()
+    client = _client(fake, n_mode="parallel", batch_size=6, seeded=False)
+    out = client.generate(PROMPTS, SamplingParams(max_new_tokens=4, n=3, seed=5))
     for p, group in enumerate(out):
         assert [s.token_ids for s in group] == [_expect(PROMPTS[p], k, 4) for k in range(3)]
+    sent = [body["sampling_params"] for _, path, body in fake.requests if path == "/generate"]
+    assert all(sp["n"] == 3 and "sampling_seed" not in sp for sp in sent)
     with pytest.raises(UserError, match="duplicate"):
-        client.generate(PROMPTS, SamplingParams(n=2, seed=1))
+        _client(fake, n_mode="parallel").generate(PROMPTS, SamplingParams(n=2))
 
 
 def test_stop_token_ids_and_payload_fields(fakes):
@@ -301,7 +307,7 @@ def test_requests_match_the_pinned_sglang_definitions(fakes):
     fake = fakes()
     params = SamplingParams(max_new_tokens=3, n=2, temperature=0.7, top_p=0.9, top_k=5,
                             stop=("x",), stop_token_ids=(3,), seed=1)
-    _client(fake, n_mode="parallel").generate(PROMPTS[:2], dataclasses.replace(params, seed=None))
+    _client(fake, n_mode="parallel", seeded=False).generate(PROMPTS[:2], params)
     _client(fake).generate(PROMPTS[:2], params)
     engine = SGLangEngine([SGLangServer.attach(fake.url)], sync="tensor", bucket_bytes=64, **FAST)
     engine.update_weights(_weights().items(), version=2)
@@ -362,3 +368,22 @@ def test_protocol_extraction_reads_routes_and_inherited_fields():
     assert extract.routes(server) == {"/foo": {"methods": ["GET", "POST"],
                                                "request": "FooReqInput"},
                                       "/health": {"methods": ["GET"], "request": None}}
+
+
+def test_stack_check_refuses_what_the_transport_cannot_bridge():
+    """The two torch stacks: CUDA IPC needs the same rebuild_cuda_tensor arguments, the NCCL
+    broadcast the same NCCL; each transport is refused only for its own mismatch."""
+    from megatron_sppo.rollout.sglang_stack import check_stacks, torch_stack
+
+    trainer = torch_stack()
+    assert trainer["rebuild_cuda_tensor"][6] == "storage_device"  # what SGLang patches
+    check_stacks(trainer, dict(trainer), "tensor")
+    check_stacks(trainer, dict(trainer), "distributed")
+    older = {**trainer, "rebuild_cuda_tensor": trainer["rebuild_cuda_tensor"][:-1]}
+    with pytest.raises(UserError, match="rebuild_cuda_tensor"):
+        check_stacks(trainer, older, "tensor")
+    check_stacks(trainer, older, "distributed")
+    other_nccl = {**trainer, "nccl": "2.21.5", "torch": "2.9.0"}
+    with pytest.raises(UserError, match="NCCL .* and 2.21.5"):
+        check_stacks(trainer, other_nccl, "distributed")
+    check_stacks(trainer, other_nccl, "tensor")

@@ -1,14 +1,15 @@
-"""Slurm job scripts: shellcheck-clean, the right node/GPU counts, torchrun and trainer
-arguments, placement arithmetic refused with one line, the committed examples up to date, and
-the script's run-time flow (hostnames, SGLang addresses, SIGUSR1 -> requeue) executed under
-bash with stand-in srun/scontrol commands."""
+"""Slurm job scripts: shellcheck-clean (shellcheck installed by tests/slurm_cluster.py when
+missing and root), the right node/GPU counts, torchrun and trainer arguments, the CPU mode,
+placement arithmetic refused with one line, the committed examples up to date, and the
+script's run-time flow (hostnames, SGLang addresses, SIGUSR1 -> checkpoint -> requeue)
+executed under bash with stand-in srun/scontrol commands. tests/test_preemption.py runs the
+CPU script on a real Slurm."""
 
 from __future__ import annotations
 
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 
 import pytest
 from helpers import REPO
+from slurm_cluster import ensure_tools, which
 
 from megatron_sppo.cluster.slurm import (SlurmJob, layout_overrides, render_sbatch,
                                          time_limit_seconds)
@@ -24,7 +26,6 @@ from megatron_sppo.errors import UserError
 sys.path.insert(0, str(REPO / "tools"))
 import render_slurm  # noqa: E402
 
-SHELLCHECK = shutil.which("shellcheck")
 BASE = dict(job_name="sppo", config="/shared/cfg.yaml", output_dir="/shared/runs/sppo")
 JOBS = {
     "single_colocated": SlurmJob(**BASE),
@@ -36,6 +37,8 @@ JOBS = {
                               policy_tp=4, sglang_tp=2, sglang_model="/shared/hf/model",
                               sglang_args=("--kv-cache-dtype", "fp8_e5m2"),
                               overrides=("trainer.total_steps=7", "rollout.stop=['a, b']")),
+    "cpu": SlurmJob(**BASE, nodes=2, gpus_per_node=0, cpus_per_rank=4, policy_tp=2,
+                    nccl_socket_ifname="eth0"),
 }
 
 
@@ -49,12 +52,13 @@ def train_command(script: str) -> list[str]:
     return shlex.split(block)
 
 
-@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck is not installed")
 @pytest.mark.parametrize("name", sorted(JOBS))
 def test_shellcheck_clean(name, tmp_path):
+    ensure_tools("shellcheck")
     path = tmp_path / f"{name}.sbatch"
     path.write_text(render_sbatch(JOBS[name]))
-    result = subprocess.run([SHELLCHECK, "-s", "bash", str(path)], capture_output=True, text=True)
+    result = subprocess.run([which("shellcheck"), "-s", "bash", str(path)], capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -82,6 +86,25 @@ def test_counts_and_torchrun_arguments(name, nodes, dp):
     trainer_srun = script.split("srun \\\n", 2)[-1]
     assert f"--nodes={job.nodes} \\" in trainer_srun and f"--ntasks={job.nodes} \\" in trainer_srun
     assert ("--container-image" in script) == (job.container_image is not None)
+
+
+def test_cpu_job_has_no_gpu_and_runs_the_local_engine():
+    job = JOBS["cpu"]
+    script = render_sbatch(job)
+    assert "gpu" not in script.lower() and "nccl" not in script.lower()
+    assert "sglang" not in script.lower()
+    assert "export OMP_NUM_THREADS=4" in script
+    assert "NPROC_PER_NODE=$((SLURM_CPUS_ON_NODE / 4))" in script
+    assert "export GLOO_SOCKET_IFNAME=eth0" in script
+    words = train_command(script)
+    assert "--nproc-per-node=$NPROC_PER_NODE" in words and "--nnodes=2" in words
+    assert layout_overrides(job) == ["trainer.output_dir=/shared/runs/sppo",
+                                     "policy.tensor_model_parallel_size=2",
+                                     "policy.pipeline_model_parallel_size=1",
+                                     "critic.tensor_model_parallel_size=2",
+                                     "critic.pipeline_model_parallel_size=1",
+                                     "rollout.engine=local"]
+    assert words[-8:-2] == layout_overrides(job)
 
 
 def test_layout_overrides():
@@ -123,6 +146,11 @@ def test_sglang_servers_per_rollout_node():
     (dict(overrides=("policy.tensor_model_parallel_size=2",)), "set by the job layout"),
     (dict(overrides=("trainer.total_steps",)), "not key=value"),
     (dict(sglang_mem_fraction=1.5), "mem fraction"),
+    (dict(gpus_per_node=-1), "gpus per node = -1: must be >= 0 (0: a CPU job)"),
+    (dict(cpus_per_rank=2), "cpus per rank is for CPU jobs"),
+    (dict(gpus_per_node=0, cpus_per_rank=0), "cpus per rank = 0"),
+    (dict(gpus_per_node=0, placement="disaggregated", rollout_nodes=1, sglang_model="/m"),
+     "a CPU job (gpus per node 0) runs the local rollout engine"),
 ])
 def test_layout_errors_are_one_line(changes, message):
     job = SlurmJob(**{**BASE, **changes})
@@ -170,13 +198,20 @@ FAKE_SCONTROL = """#!/bin/bash
 if [ "$1 $2" = "show hostnames" ]; then printf 'gpu-a\\ngpu-b\\ngpu-c\\n'; exit 0; fi
 echo "scontrol $*" >> "$FAKE_LOG"
 """
-# A trainer step that runs until SIGUSR1 (then "checkpoints" and exits 0) or exits at once
-# with $FAKE_TRAIN_STATUS; an SGLang step that runs until it is killed.
+# A trainer step that, like torchrun after a stop signal, exits 1: on SIGUSR1 after writing
+# stopped.json as the trainer does once its checkpoint is complete (FAKE_TRAIN=no-checkpoint:
+# without it); FAKE_TRAIN=scancel: at once with stopped.json (the signal went to the steps
+# only); FAKE_TRAIN=exit:N: at once with status N. An SGLang step runs until it is killed.
 FAKE_SRUN = """#!/bin/bash
 if [[ " $* " == *" torchrun "* ]]; then
   printf '%s\\n' "$@" > "$FAKE_LOG.train_args"
-  if [ -n "${FAKE_TRAIN_STATUS:-}" ]; then exit "$FAKE_TRAIN_STATUS"; fi
-  trap 'echo "trainer got USR1" >> "$FAKE_LOG"; kill "$sleeper"; exit 0' USR1
+  stopped() { echo '{"signal": "SIGUSR1", "step": 3}' > "$OUTPUT_DIR/stopped.json"; }
+  case "${FAKE_TRAIN:-}" in
+    exit:*) exit "${FAKE_TRAIN#exit:}" ;;
+    scancel) stopped; exit 1 ;;
+  esac
+  trap 'echo "trainer got USR1" >> "$FAKE_LOG"; kill "$sleeper"
+        [ "$FAKE_TRAIN" = no-checkpoint ] || stopped; exit 1' USR1
   sleep 30 &
   sleeper=$!
   wait
@@ -187,7 +222,7 @@ fi
 """
 
 
-def _run_script(tmp_path, job, *, train_status=None, send_usr1=False):
+def _run_script(tmp_path, job, *, fake_train="", send_usr1=False):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
@@ -198,9 +233,8 @@ def _run_script(tmp_path, job, *, train_status=None, send_usr1=False):
     log = tmp_path / "log"
     log.write_text("")
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log),
-           "SLURM_JOB_NODELIST": "gpu-[a-c]", "SLURM_JOB_ID": "42", "SLURM_CPUS_ON_NODE": "4"}
-    if train_status is not None:
-        env["FAKE_TRAIN_STATUS"] = str(train_status)
+           "SLURM_JOB_NODELIST": "gpu-[a-c]", "SLURM_JOB_ID": "42", "SLURM_CPUS_ON_NODE": "4",
+           "FAKE_TRAIN": fake_train}
     proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     if send_usr1:
@@ -218,9 +252,10 @@ def test_usr1_checkpoints_then_requeues(tmp_path):
                    placement="disaggregated", rollout_nodes=1, sglang_tp=4,
                    sglang_model="/shared/hf")
     status, output, log, root = _run_script(tmp_path, job, send_usr1=True)
-    assert status == 0, output
+    assert status == 1, output  # torchrun's status after a signal; the job is requeued
     assert "trainer got USR1" in log and "scontrol requeue 42" in log, output
     assert log.index("trainer got USR1") < log.index("scontrol requeue 42")
+    assert 'stopped at a checkpoint: {"signal": "SIGUSR1", "step": 3}; requeueing' in output
     train_args = (root / "log.train_args").read_text().splitlines()
     assert "--nodelist=gpu-a,gpu-b" in train_args and "--cpus-per-task=4" in train_args
     assert "--rdzv-endpoint=gpu-a:29500" in train_args and "--rdzv-id=42" in train_args
@@ -228,10 +263,29 @@ def test_usr1_checkpoints_then_requeues(tmp_path):
     assert "--nodelist=gpu-c" in (root / "log.sglang_args").read_text().splitlines()
 
 
+@pytest.mark.parametrize("fake_train, send_usr1, requeued, says", [
+    ("scancel", False, True, "requeueing job 42"),  # scancel --signal=USR1: steps only
+    ("no-checkpoint", True, False, "the trainer did not stop at a checkpoint"),
+])
+def test_requeue_follows_the_trainers_checkpoint(tmp_path, fake_train, send_usr1, requeued,
+                                                 says):
+    """A CPU job (4 CPUs, 2 per rank: 2 ranks) is requeued iff the trainer stopped at a
+    checkpoint, whoever sent the signal."""
+    job = SlurmJob(**{**BASE, "output_dir": str(tmp_path / "run")}, gpus_per_node=0,
+                   cpus_per_rank=2)
+    status, output, log, root = _run_script(tmp_path, job, fake_train=fake_train,
+                                            send_usr1=send_usr1)
+    assert status == 1 and says in output, output
+    assert ("scontrol requeue 42" in log) == requeued
+    train_args = (root / "log.train_args").read_text().splitlines()
+    assert "--nproc-per-node=2" in train_args and "rollout.engine=local" in train_args
+    assert not any(a.startswith("--gpus") for a in train_args)
+
+
 @pytest.mark.parametrize("train_status", [0, 3])
 def test_no_requeue_without_signal(tmp_path, train_status):
     job = SlurmJob(**{**BASE, "output_dir": str(tmp_path / "run")}, nodes=3)
-    status, output, log, root = _run_script(tmp_path, job, train_status=train_status)
+    status, output, log, root = _run_script(tmp_path, job, fake_train=f"exit:{train_status}")
     assert status == train_status, output
     assert "requeue" not in log
     train_args = (root / "log.train_args").read_text().splitlines()

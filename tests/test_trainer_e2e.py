@@ -141,10 +141,12 @@ def test_sigkill_and_resume_reproduces_the_run(tp1_run, tmp_path):
     ("data.format=xml", "data.format"),
     ("policy.fp8.format=e5m2", "policy.fp8.format='e5m2'"),
     ("critic.fp8.format=e4m3", "critic.fp8.format=e4m3 needs"),  # no TE / GPU here
+    ("rollout.sglang.n_mode=parallel rollout.sglang.enable_deterministic_inference=true",
+     "draws the n samples of a prompt with one seed"),
 ])
 def test_config_errors_are_one_line(zoo, tmp_path, override, message):
     config = write_config(tmp_path, zoo["qwen2_gqa_untied"])
-    proc = run(train_cmd(config, tmp_path / "out", override), check=False, timeout=120)
+    proc = run(train_cmd(config, tmp_path / "out", *override.split()), check=False, timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert not (tmp_path / "out").exists()  # nothing built or written

@@ -44,7 +44,7 @@ from megatron_sppo.cli import run_tool  # noqa: E402
 from megatron_sppo.demo.run import REPO_CONFIG, eval_points, train_run  # noqa: E402
 from megatron_sppo.errors import UserError  # noqa: E402
 from megatron_sppo.fileio import write_text_atomic  # noqa: E402
-from study import METHODS, first_reaching, plot  # noqa: E402  (examples/study.py)
+from study import METHODS, plot, reaching  # noqa: E402  (examples/study.py)
 
 SYSTEMS = ("trl_grpo", "grpo", "sppo")
 LABELS = {"trl_grpo": "TRL GRPOTrainer", "grpo": "megatron_sppo GRPO",
@@ -366,9 +366,9 @@ def summarize(runs: dict, args) -> dict:
         for key, fn in (("steps", lambda r: r["steps"][-1]["step"] if r["steps"] else 0),
                         ("pass1_at_tokens", lambda r: pass1_at_tokens(r["points"], args.tokens_at)),
                         ("tokens_to_target",
-                         lambda r: first_reaching(r["points"], "tokens", args.target)),
+                         lambda r: reaching(r["points"], "tokens", args.target)),
                         ("seconds_to_target",
-                         lambda r: first_reaching(r["points"], "seconds", args.target)),
+                         lambda r: reaching(r["points"], "seconds", args.target)),
                         ("peak", lambda r: max(p["pass1_sampled"] for p in r["points"]))):
             values = [fn(r) for r in per_seed.values()]
             stats[key], stats[key + "_seeds"] = _mean(values), sum(v is not None for v in values)
@@ -463,9 +463,9 @@ def benchmark(args: argparse.Namespace) -> None:
     write_text_atomic(out / "benchmark.json", json.dumps(
         {"args": vars(args), "summary": summary, "runs": runs}, indent=1, default=str) + "\n")
     write_text_atomic(out / "benchmark.md", report)
-    plot({LABELS[s]: {seed: r["points"] for seed, r in per_seed.items()}
-          for s, per_seed in runs.items()}, out / "benchmark.png",
-         title="megatron_sppo vs TRL's GRPOTrainer on the built-in arithmetic task")
+    plot({LABELS[s]: {seed: {"points": r["points"]} for seed, r in per_seed.items()}
+          for s, per_seed in runs.items()}, "demo", args.target, out / "benchmark.png",
+         title="megatron_sppo vs TRL's GRPOTrainer on the demo arithmetic task")
     print("\n" + report)
     print(out)
 

@@ -7,7 +7,9 @@
 Importing SGLang's modules needs GPU-only packages, so this parses them with ``ast``: the
 routes of ``srt/entrypoints/http_server.py`` (path, methods, request class of the handler),
 the fields and default expressions of those request classes in ``srt/managers/io_struct.py``
-(inherited fields included) and of ``SamplingParams`` in ``srt/sampling/sampling_params.py``.
+(inherited fields included), of ``SamplingParams`` in ``srt/sampling/sampling_params.py``, and
+the allow-list of ``SafeUnpickler`` in ``srt/utils/common.py`` (what a weight payload may
+reference; the CPU stand-in server unpickles with it).
 Writes ``tests/fixtures/sglang_protocol.json`` with the SGLang version and the sha256 of each
 file read (plus ``tokenizer_manager.py``, where the n > 1 output order lives), so an SGLang
 upgrade shows up as a fixture diff. tests/test_sglang_protocol.py checks every request the
@@ -33,7 +35,8 @@ from megatron_sppo.fileio import write_text_atomic  # noqa: E402
 FILES = {"http_server": "sglang/srt/entrypoints/http_server.py",
          "io_struct": "sglang/srt/managers/io_struct.py",
          "sampling_params": "sglang/srt/sampling/sampling_params.py",
-         "tokenizer_manager": "sglang/srt/managers/tokenizer_manager.py"}
+         "tokenizer_manager": "sglang/srt/managers/tokenizer_manager.py",
+         "common": "sglang/srt/utils/common.py"}
 OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "sglang_protocol.json"
 
 
@@ -68,6 +71,14 @@ def class_fields(tree: ast.Module) -> dict[str, dict]:
         return out
 
     return {name: fields(name) for name in classes}
+
+
+def safe_unpickler_globals(tree: ast.Module) -> list[list[str]]:
+    """``SafeUnpickler.ALLOWED_GLOBALS``: the (module, name) pairs a payload may reference."""
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SafeUnpickler")
+    value = next(s.value for s in cls.body if isinstance(s, ast.Assign)
+                 and any(isinstance(t, ast.Name) and t.id == "ALLOWED_GLOBALS" for t in s.targets))
+    return sorted(map(list, ast.literal_eval(value)))
 
 
 def routes(tree: ast.Module) -> dict[str, dict]:
@@ -106,6 +117,7 @@ def extract(args: argparse.Namespace) -> None:
         "routes": served,
         "requests": {name: io_classes[name] for name in requests if name in io_classes},
         "sampling_params": class_fields(ast.parse(sources["sampling_params"]))["SamplingParams"],
+        "safe_unpickler_globals": safe_unpickler_globals(ast.parse(sources["common"])),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="extra trainer config overrides, e.g. trainer.total_steps=500")
     layout = p.add_argument_group("layout")
     layout.add_argument("--nodes", type=int, default=1, help="trainer nodes (default 1)")
-    layout.add_argument("--gpus-per-node", type=int, default=8)
+    layout.add_argument("--gpus-per-node", type=int, default=8,
+                        help="default 8; 0 makes a CPU job: no GPU directives, the local "
+                             "rollout engine, one rank per --cpus-per-rank CPUs")
+    layout.add_argument("--cpus-per-rank", type=int,
+                        help="CPU jobs: CPUs (and threads) per rank (default 1: a rank per CPU)")
     layout.add_argument("--placement", choices=PLACEMENTS, default="colocated")
     layout.add_argument("--rollout-nodes", type=int, default=0,
                         help="SGLang-only nodes (placement disaggregated)")
@@ -86,7 +90,8 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
         container_mounts=tuple(m for m in args.container_mounts.split(",") if m),
         rdzv_port=args.rdzv_port, signal_lead_s=args.signal_lead,
         max_requeues=args.max_requeues, nccl_socket_ifname=args.nccl_socket_ifname,
-        nccl_ib_hca=args.nccl_ib_hca, overrides=tuple(args.overrides))
+        nccl_ib_hca=args.nccl_ib_hca, overrides=tuple(args.overrides),
+        cpus_per_rank=args.cpus_per_rank)
 
 
 def job_arguments(argv: list[str]) -> list[str]:

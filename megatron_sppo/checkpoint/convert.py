@@ -92,16 +92,17 @@ def load_hf_weights(model, reader: HFCheckpointReader, arch: ModelArch, progress
 
 
 def model_from_hf(hf_path: str | Path, *, tp: int = 1, pp: int = 1, critic: bool = False,
-                  **config_overrides):
+                  use_te: bool | None = None, **config_overrides):
     """(arch, TransformerConfig, this rank's GPTModel chunk) built and filled from an HF
     checkpoint, for the parallel layout already initialised (policy, or critic with its new
-    scalar head). ``config_overrides`` go to the TransformerConfig."""
+    scalar head). ``use_te`` picks the layer spec (default: TE when it can run);
+    ``config_overrides`` go to the TransformerConfig."""
     from megatron_sppo.models.builder import build_gpt_model, transformer_config
     from megatron_sppo.models.critic import build_critic_model
 
     arch = arch_from_hf_config(load_hf_config(hf_path))
     config = transformer_config(arch, tp=tp, pp=pp, **config_overrides)
-    model = (build_critic_model if critic else build_gpt_model)(arch, config)
+    model = (build_critic_model if critic else build_gpt_model)(arch, config, use_te=use_te)
     load_hf_weights(model, HFCheckpointReader(hf_path), arch, include_head=not critic)
     return arch, config, model
 

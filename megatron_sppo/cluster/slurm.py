@@ -13,11 +13,18 @@ Placements:
   ``sglang_tp`` GPUs, consecutive ports); the trainer attaches to them through
   ``rollout.sglang.addresses=host:port,...``.
 
+CPU jobs (``gpus_per_node=0``): no GPU directives, one rank per ``cpus_per_rank`` CPUs of
+each node (counted by the script from ``SLURM_CPUS_ON_NODE``) and the local rollout engine,
+so the same script runs on a CPU cluster (tests/test_preemption.py runs it on a real one).
+
 Time limit: Slurm sends SIGUSR1 to the batch shell ``signal_lead_s`` before the limit
-(``--signal=B:USR1@...``). The shell forwards it through srun to torchrun, which forwards it
-to the workers (``--signals-to-handle``, torch >= 2.9); the trainer checkpoints at the end
-of its step and exits; the shell then calls ``scontrol requeue`` and the requeued job
-continues with ``--resume auto``.
+(``--signal=B:USR1@...``). The shell forwards it through srun, which signals every process
+of the step, and torchrun forwards it to its workers' process groups
+(``--signals-to-handle``, torch >= 2.9). The trainer finishes its step, checkpoints, writes
+``stopped.json`` and exits; the shell then calls ``scontrol requeue`` and the requeued job
+continues with ``--resume auto``. The shell requeues whenever the trainer left
+``stopped.json``, so a manual ``scancel --signal=USR1`` (which reaches the steps only)
+requeues too; a trainer that finished or failed is not requeued.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from pathlib import Path, PurePosixPath
 from megatron_sppo.errors import UserError
 from megatron_sppo.rollout.sglang_launcher import (DEFAULT_SGLANG_PYTHON, LaunchOptions,
                                                    replica_options, server_command)
+from megatron_sppo.trainer.preemption import LEAD_ENV, STOPPED
 
 PLACEMENTS = ("colocated", "disaggregated")
 
@@ -71,6 +79,7 @@ class SlurmJob:
 
     ``nodes`` counts trainer nodes; ``rollout_nodes`` the extra SGLang nodes of a
     disaggregated job. ``sglang_model`` is the HF directory those servers start from.
+    ``gpus_per_node=0`` makes a CPU job: one rank per ``cpus_per_rank`` CPUs (default 1).
     """
 
     job_name: str
@@ -99,6 +108,11 @@ class SlurmJob:
     nccl_socket_ifname: str | None = None
     nccl_ib_hca: str | None = None
     overrides: tuple[str, ...] = ()
+    cpus_per_rank: int | None = None
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.gpus_per_node == 0
 
     @property
     def trainer_gpus(self) -> int:
@@ -121,12 +135,14 @@ class SlurmJob:
         """Every check that needs no cluster: names, paths, counts and the placement."""
         if not _SAFE_NAME.match(self.job_name):
             raise UserError(f"job name {self.job_name!r}: use letters, digits, '.', '_', '-'")
-        for what, value in (("nodes", self.nodes), ("gpus per node", self.gpus_per_node),
-                            ("policy tp", self.policy_tp), ("policy pp", self.policy_pp),
-                            ("sglang tp", self.sglang_tp),
+        for what, value in (("nodes", self.nodes), ("policy tp", self.policy_tp),
+                            ("policy pp", self.policy_pp), ("sglang tp", self.sglang_tp),
+                            ("cpus per rank", self.cpus_per_rank),
                             ("signal lead seconds", self.signal_lead_s)):
-            if value < 1:
+            if value is not None and value < 1:
                 raise UserError(f"{what} = {value}: must be >= 1")
+        if self.gpus_per_node < 0:
+            raise UserError(f"gpus per node = {self.gpus_per_node}: must be >= 0 (0: a CPU job)")
         if self.max_requeues < 0:
             raise UserError(f"max requeues = {self.max_requeues}: must be >= 0")
         for what, port, last in (("rendezvous port", self.rdzv_port, 65535),
@@ -150,6 +166,14 @@ class SlurmJob:
     def _check_placement(self) -> None:
         if self.placement not in PLACEMENTS:
             raise UserError(f"placement {self.placement!r}: choose one of {', '.join(PLACEMENTS)}")
+        if self.cpus_per_rank is not None and not self.on_cpu:
+            raise UserError("cpus per rank is for CPU jobs (gpus per node 0); a GPU job runs "
+                            "one rank per GPU")
+        if self.on_cpu:  # the ranks per node are known at run time; the script checks them
+            if self.placement != "colocated" or self.rollout_nodes:
+                raise UserError("a CPU job (gpus per node 0) runs the local rollout engine: use "
+                                "placement colocated and 0 rollout nodes")
+            return
         mp = self.policy_tp * self.policy_pp
         if self.gpus_per_node % self.policy_tp:
             raise UserError(f"policy tp {self.policy_tp} does not divide {self.gpus_per_node} GPUs "
@@ -217,6 +241,8 @@ def layout_overrides(job: SlurmJob) -> list[str]:
     for model in ("policy", "critic"):  # the trainer runs the critic on the policy's layout
         out += [f"{model}.tensor_model_parallel_size={job.policy_tp}",
                 f"{model}.pipeline_model_parallel_size={job.policy_pp}"]
+    if job.on_cpu:
+        return out + ["rollout.engine=local"]
     out += ["rollout.engine=sglang", f"rollout.sglang.tp_size={job.sglang_tp}"]
     if job.placement == "colocated":
         out.append(f"rollout.sglang.replicas={job.servers_per_node}")
@@ -227,7 +253,8 @@ def layout_overrides(job: SlurmJob) -> list[str]:
 
 def torchrun_args(job: SlurmJob) -> list[str]:
     """torchrun's options, one rendezvous per job on the first trainer node."""
-    return ["torchrun", f"--nnodes={job.nodes}", f"--nproc-per-node={job.gpus_per_node}",
+    nproc = "$NPROC_PER_NODE" if job.on_cpu else job.gpus_per_node
+    return ["torchrun", f"--nnodes={job.nodes}", f"--nproc-per-node={nproc}",
             "--rdzv-backend=c10d", f"--rdzv-endpoint=$HEAD_NODE:{job.rdzv_port}",
             "--rdzv-id=$SLURM_JOB_ID", f"--signals-to-handle={TORCHRUN_SIGNALS}",
             f"--shutdown-timeout={job.signal_lead_s}"]
@@ -275,23 +302,31 @@ _NETWORK_NOTES = """\
 #   leaving it hung until the time limit."""
 
 
-def _header(job: SlurmJob, rendered_by: str | None) -> list[str]:
+def _summary(job: SlurmJob) -> str:
+    if job.on_cpu:
+        return (f"CPU; {job.nodes} node(s), one rank per {job.cpus_per_rank or 1} CPU(s) "
+                f"(tp {job.policy_tp}, pp {job.policy_pp}); local rollout engine.")
     if job.placement == "disaggregated":
         rollout = (f"{job.rollout_nodes} SGLang node(s) x {job.servers_per_node} server(s) "
                    f"(tp {job.sglang_tp})")
     else:
         rollout = f"{job.servers_per_node} SGLang server(s) (tp {job.sglang_tp}) on the head node"
+    return (f"{job.placement}; {job.nodes} trainer node(s) x {job.gpus_per_node} GPUs (tp "
+            f"{job.policy_tp}, pp {job.policy_pp}, dp {job.data_parallel_size}); {rollout}.")
+
+
+def _header(job: SlurmJob, rendered_by: str | None) -> list[str]:
+    gpus = [] if job.on_cpu else [f"#SBATCH --gpus-per-node={job.gpus_per_node}"]
     lines = [
         "#!/bin/bash",
-        f"# {job.job_name}: {job.placement}; {job.nodes} trainer node(s) x {job.gpus_per_node} "
-        f"GPUs (tp {job.policy_tp}, pp {job.policy_pp}, dp {job.data_parallel_size}); {rollout}.",
+        f"# {job.job_name}: {_summary(job)}",
         f"# Rendered by: {rendered_by or 'tools/render_slurm.py'}",
         "# Slurm opens the log before this script runs, so create the output directory first:",
         f"#   mkdir -p {_q(job.output_dir)} && sbatch THIS_FILE",
         f"#SBATCH --job-name={job.job_name}",
         f"#SBATCH --nodes={job.total_nodes}",
         "#SBATCH --ntasks-per-node=1",
-        f"#SBATCH --gpus-per-node={job.gpus_per_node}",
+        *gpus,
         "#SBATCH --exclusive",
         f"#SBATCH --time={job.time_limit}",
         f"#SBATCH --output={job.output_dir.rstrip('/')}/slurm-%x-%j.out",
@@ -304,22 +339,50 @@ def _header(job: SlurmJob, rendered_by: str | None) -> list[str]:
     return lines
 
 
-def _environment(job: SlurmJob) -> list[str]:
-    lines = ["", "set -euo pipefail", "", f"CONFIG={_q(job.config)}",
-             f"OUTPUT_DIR={_q(job.output_dir)}", "export OUTPUT_DIR",
-             'mkdir -p "$OUTPUT_DIR"', "", _NETWORK_NOTES]
+def _export(name: str, value: str | None, example: str) -> str:
+    return f"export {name}={_q(value)}" if value else f"# export {name}={example}"
+
+
+def _gpu_environment(job: SlurmJob) -> list[str]:
     ifname = job.nccl_socket_ifname
     # gloo takes interface names only, not NCCL's ^exclusions or =exact matches
     gloo_ifname = ifname if ifname and ifname[0] not in "^=" else None
-    for name, value, example in (("NCCL_SOCKET_IFNAME", ifname, "ib0"),
-                                 ("GLOO_SOCKET_IFNAME", gloo_ifname, "ib0"),
-                                 ("NCCL_IB_HCA", job.nccl_ib_hca, "mlx5_0,mlx5_1")):
-        lines.append(f"export {name}={_q(value)}" if value else f"# export {name}={example}")
+    return [_NETWORK_NOTES, _export("NCCL_SOCKET_IFNAME", ifname, "ib0"),
+            _export("GLOO_SOCKET_IFNAME", gloo_ifname, "ib0"),
+            _export("NCCL_IB_HCA", job.nccl_ib_hca, "mlx5_0,mlx5_1"),
+            "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+            "# Megatron-LM's sequence parallelism needs each TP all-gather queued before the GEMM "
+            "that reads it.",
+            "export CUDA_DEVICE_MAX_CONNECTIONS=1"]
+
+
+def _cpu_environment(job: SlurmJob) -> list[str]:
+    cpus, tp = job.cpus_per_rank or 1, job.policy_tp
+    bad = '[ "$NPROC_PER_NODE" -lt 1 ]' + (f" || [ $((NPROC_PER_NODE % {tp})) -ne 0 ]"
+                                           if tp > 1 else "")
+    return [
+        "# ---- Network: gloo carries a CPU job's collectives. GLOO_SOCKET_IFNAME: the interface",
+        "# between nodes, e.g. eth0 ('ip -br addr' on a compute node lists them).",
+        _export("GLOO_SOCKET_IFNAME", job.nccl_socket_ifname, "eth0"), "",
+        f"# ---- Ranks: one per {cpus} CPU(s) of each node, each with as many threads.",
+        f"export OMP_NUM_THREADS={cpus}",
+        f"NPROC_PER_NODE=$((SLURM_CPUS_ON_NODE / {cpus}))",
+        f"if {bad}; then",
+        f'  echo "error: $SLURM_CPUS_ON_NODE CPUs per node give $NPROC_PER_NODE rank(s) of {cpus} '
+        f'CPU(s), need a positive multiple of tp {tp}: change --cpus-per-rank or --tp" >&2',
+        "  exit 2",
+        "fi"]
+
+
+def _environment(job: SlurmJob) -> list[str]:
+    lines = ["", "set -euo pipefail", "", f"CONFIG={_q(job.config)}",
+             f"OUTPUT_DIR={_q(job.output_dir)}", "export OUTPUT_DIR",
+             'mkdir -p "$OUTPUT_DIR"',
+             "# the trainer reports a checkpoint that cannot complete before the time limit",
+             f"export {LEAD_ENV}={job.signal_lead_s}", ""]
+    lines += _cpu_environment(job) if job.on_cpu else _gpu_environment(job)
     return lines + [
-        "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
-        "# Megatron-LM's sequence parallelism needs each TP all-gather queued before the GEMM "
-        "that reads it.",
-        "export CUDA_DEVICE_MAX_CONNECTIONS=1", "",
+        "",
         "# ---- Nodes: trainer nodes first; the first one hosts torchrun's rendezvous.",
         'mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")',
         f'TRAIN_NODELIST=$(IFS=,; echo "${{NODES[*]:0:{job.nodes}}}")',
@@ -329,8 +392,8 @@ def _environment(job: SlurmJob) -> list[str]:
 def _step_options(job: SlurmJob) -> list[str]:
     """srun options shared by the job's steps: one task per node owning the node's GPUs and
     CPUs (srun would otherwise give a task one CPU), inside the container if one is set."""
-    opts = ["--ntasks-per-node=1", f"--gpus-per-node={job.gpus_per_node}",
-            '--cpus-per-task="$SLURM_CPUS_ON_NODE"']
+    gpus = [] if job.on_cpu else [f"--gpus-per-node={job.gpus_per_node}"]
+    opts = ["--ntasks-per-node=1", *gpus, '--cpus-per-task="$SLURM_CPUS_ON_NODE"']
     if job.container_image:
         opts.append(f"--container-image={_q(job.container_image)}")
         if job.container_mounts:
@@ -350,8 +413,10 @@ def _sglang_step(job: SlurmJob) -> list[str]:
              "done", "",
              f"# ---- SGLang: {job.servers_per_node} server(s) per rollout node on blocks of "
              f"{job.sglang_tp} GPU(s), logs in $OUTPUT_DIR/sglang_logs;",
-             "# the trainer waits for their /health before its first rollout.",
+             "# the trainer waits for their /health before its first rollout. They ignore SIGUSR1",
+             "# (scancel --signal=USR1 reaches every step): it is the trainer's cue to checkpoint.",
              "SGLANG_SERVERS=$(cat <<'EOF'",
+             "trap '' USR1",
              'mkdir -p "$OUTPUT_DIR/sglang_logs"']
     for opts in sglang_servers(job):
         lines.append(f'{shlex.join(server_command(opts))} '
@@ -367,8 +432,9 @@ def _sglang_step(job: SlurmJob) -> list[str]:
 def _trainer_step(job: SlurmJob) -> list[str]:
     return [
         "",
-        "# ---- Trainer: one torchrun per node. SIGUSR1 reaches every rank through srun and",
-        "# torchrun (--signals-to-handle needs torch >= 2.9).",
+        "# ---- Trainer: one torchrun per node. SIGUSR1 reaches every process of the step through",
+        "# srun, and every rank's process group through torchrun (--signals-to-handle needs",
+        "# torch >= 2.9); the trainer's helper processes are shielded from it.",
         "TRAIN_CMD=(",
         *(f"  {_element(w, expand=True)}" for w in torchrun_args(job)),
         '  --no-python megatron-sppo train --config "$CONFIG"',
@@ -384,7 +450,7 @@ def _trainer_step(job: SlurmJob) -> list[str]:
         "  STOP_REQUESTED=1",
         "  WAIT_INTERRUPTED=1",
         f'  echo "$(date -Is) time limit in {job.signal_lead_s} s: the trainer checkpoints after '
-        'its step, then the job is requeued"',
+        'its step, then exits"',
         '  kill -USR1 "$TRAIN_PID" 2>/dev/null || true',
         "}",
         "trap on_usr1 USR1",
@@ -404,14 +470,20 @@ def _trainer_step(job: SlurmJob) -> list[str]:
         '  [ "$WAIT_INTERRUPTED" = 1 ] || break',
         "done",
         "",
-        'if [ "$STOP_REQUESTED" = 1 ]; then',
+        "# The trainer leaves stopped.json when a signal (this script's, or scancel --signal=USR1",
+        "# sent to the steps) stopped it with a complete checkpoint and steps left.",
+        f'STOPPED="$OUTPUT_DIR/{STOPPED}"',
+        'if [ -f "$STOPPED" ]; then',
         f'  if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {job.max_requeues} ]; then',
-        '    echo "$(date -Is) requeueing job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}); '
-        'it continues with --resume auto"',
+        '    echo "$(date -Is) stopped at a checkpoint: $(cat "$STOPPED"); requeueing job '
+        '$SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}); it continues with --resume auto"',
         '    scontrol requeue "$SLURM_JOB_ID"',
         "  else",
         f'    echo "$(date -Is) not requeueing: {job.max_requeues} restarts reached"',
         "  fi",
+        'elif [ "$STOP_REQUESTED" = 1 ]; then',
+        '  echo "$(date -Is) not requeueing: the trainer did not stop at a checkpoint (it finished, '
+        'or failed with status $status)"',
         "fi",
         'exit "$status"']
 

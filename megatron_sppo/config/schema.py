@@ -18,6 +18,7 @@ from megatron_sppo.rollout import ENGINES
 
 DTYPES = ("float32", "bfloat16", "float16")
 CRITIC_ESTIMATORS = ("sppo", "gae")
+DYNAMIC_SAMPLING_ESTIMATORS = ("grpo", "rloo")
 
 
 def _choice(key: str, value, options) -> None:
@@ -126,9 +127,20 @@ class SGLangConfig:
     servers share the trainer's GPUs, so Megatron's gradients and optimizer states leave the
     GPU while they generate and (with ``enable_memory_saver``) the servers release their
     memory while Megatron trains; false for servers on their own GPUs.
+    Colocated servers get their weights over CUDA IPC (``/update_weights_from_tensor``, each
+    trainer rank on a server GPU supplying that TP rank's entry); servers on their own GPUs
+    over an NCCL broadcast from rank 0 (``/update_weights_from_distributed``).
     ``sync_master_address``/``sync_master_port``: where the servers reach this trainer's rank
     0 for the NCCL weight broadcast (default: this host's name when the servers are given by
-    address, 127.0.0.1 for servers the trainer launches itself)."""
+    address, 127.0.0.1 for servers the trainer launches itself).
+    ``enable_deterministic_inference``: launch the servers with SGLang's flag of that name, the
+    only way SGLang 0.5.23 uses the per-sample seeds the trainer sends, so rollouts repeat
+    run to run; it costs decoding speed (batch-invariant kernels, the pytorch sampler, a
+    restricted choice of attention backends) and refuses min_p. Without it seeds are
+    best-effort: SGLang ignores them and rollouts differ between runs.
+    ``n_mode``: ``duplicate`` sends the n samples of a prompt as n requests with seeds of
+    their own; ``parallel`` uses SGLang's n (one prefill per prompt), which shares one seed
+    among the n samples and is therefore refused with ``enable_deterministic_inference``."""
 
     addresses: list[str] = field(default_factory=list)
     model_path: str | None = None
@@ -147,6 +159,16 @@ class SGLangConfig:
     bucket_mb: int = 512
     sync_master_address: str | None = None
     sync_master_port: int = 29700
+    enable_deterministic_inference: bool = False
+    n_mode: str = "duplicate"
+
+    def check(self) -> None:
+        _choice("rollout.sglang.n_mode", self.n_mode, ("duplicate", "parallel"))
+        if self.n_mode == "parallel" and self.enable_deterministic_inference:
+            raise UserError("config key rollout.sglang.n_mode=parallel with "
+                            "rollout.sglang.enable_deterministic_inference=true: SGLang draws "
+                            "the n samples of a prompt with one seed, so they come out "
+                            "identical; use n_mode=duplicate")
 
 
 @dataclass
@@ -168,6 +190,34 @@ class RolloutConfig:
                      "rollout.max_response_length": self.max_response_length})
         if not 0 < self.top_p <= 1:
             raise UserError(f"config key rollout.top_p={self.top_p} must be in (0, 1]")
+        self.sglang.check()
+
+
+@dataclass
+class SelectionConfig:
+    """Critic-guided prompt selection (``algorithm.prompt_selection``, SPPO with its critic):
+    each step draws ``pool_factor`` x ``trainer.prompts_per_step`` candidate prompts, scores
+    them with the critic in one prompt-only forward pass and keeps ``prompts_per_step`` by
+    ``rule`` (algorithms/selection.py): ``weighted`` draws proportional to V(1 - V) among
+    prompts with ``floor <= V <= ceiling``, ``filter`` uniformly inside that band, ``sample``
+    proportional to V(1 - V) without a band, ``topk`` the largest V(1 - V); first, a share
+    ``exploration`` of the chosen prompts is drawn uniformly from the whole pool. Skipped
+    prompts go back to the data stream (drawn again after the epoch's own order)."""
+
+    pool_factor: int = 4
+    rule: str = "weighted"
+    floor: float = 0.05
+    ceiling: float = 0.95
+    exploration: float = 0.1
+
+    def check(self) -> None:
+        from megatron_sppo.algorithms.selection import check_selection
+
+        _positive(**{"algorithm.selection.pool_factor": self.pool_factor})
+        try:
+            check_selection(self.rule, self.floor, self.ceiling, self.exploration)
+        except ValueError as e:
+            raise UserError(f"config section algorithm.selection: {e}") from None
 
 
 @dataclass
@@ -184,7 +234,12 @@ class AlgorithmConfig:
     value_clip: the token-level critic's value clip (gae). old_logprobs: ``policy`` (a
     forward pass of the pre-update policy) or ``engine`` (the rollout engine's).
     sppo_baseline: ``critic`` (the paper) or ``running_mean`` (the ablation: V is a running
-    mean of past batches' success rate, the same for every prompt; no critic is built)."""
+    mean of past batches' success rate, the same for every prompt; no critic is built).
+    prompt_selection: choose each step's prompts with the critic (``selection.*``).
+    dynamic_sampling (grpo, rloo; DAPO): drop groups whose rewards are all equal and generate
+    for more prompts until the batch is full, at most ``dynamic_sampling_max_rounds``
+    generation rounds a step (a batch still short then is filled with dropped groups);
+    every generated token counts in ``generated_tokens``."""
 
     estimator: str = "sppo"
     sppo_baseline: str = "critic"
@@ -205,6 +260,25 @@ class AlgorithmConfig:
     truncated_reward: float | None = 0.0
     truncated_in_loss: bool = True
     old_logprobs: str = "policy"
+    prompt_selection: bool = False
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 8
+
+    def check(self) -> None:
+        _choice("algorithm.old_logprobs", self.old_logprobs, ("policy", "engine"))
+        _choice("algorithm.sppo_baseline", self.sppo_baseline, ("critic", "running_mean"))
+        if not 0 <= self.baseline_momentum < 1:
+            raise UserError("config key algorithm.baseline_momentum must be in [0, 1)")
+        self.selection.check()
+        if self.prompt_selection and not (self.estimator == "sppo" and self.needs_critic):
+            raise UserError("config key algorithm.prompt_selection=true needs the SPPO critic: "
+                            "set algorithm.estimator=sppo and algorithm.sppo_baseline=critic")
+        if self.dynamic_sampling and self.estimator not in DYNAMIC_SAMPLING_ESTIMATORS:
+            raise UserError("config key algorithm.dynamic_sampling=true is for the group "
+                            f"estimators ({', '.join(DYNAMIC_SAMPLING_ESTIMATORS)}); "
+                            f"algorithm.estimator is {self.estimator}")
+        _positive(**{"algorithm.dynamic_sampling_max_rounds": self.dynamic_sampling_max_rounds})
 
     def estimator_options(self) -> dict:
         """The options ``compute_advantages`` takes for this estimator."""
@@ -243,11 +317,14 @@ class DataConfig:
     overlong_prompts: str = "drop"
     shuffle: bool = True
     eval_size: int = 400
+    arithmetic_task: str = "demo"
 
     def check(self) -> None:
+        from megatron_sppo.data.arithmetic import TASKS
         from megatron_sppo.data.prompts import FORMATS, OVERLONG
 
         _choice("data.format", self.format, FORMATS)
+        _choice("data.arithmetic_task", self.arithmetic_task, tuple(TASKS))
         _choice("data.overlong_prompts", self.overlong_prompts, OVERLONG)
         _positive(**{"data.eval_size": self.eval_size})
 
@@ -325,11 +402,7 @@ class Config:
         self.rollout.check()
         self.data.check()
         self.trainer.check()
-        _choice("algorithm.old_logprobs", self.algorithm.old_logprobs, ("policy", "engine"))
-        _choice("algorithm.sppo_baseline", self.algorithm.sppo_baseline,
-                ("critic", "running_mean"))
-        if not 0 <= self.algorithm.baseline_momentum < 1:
-            raise UserError("config key algorithm.baseline_momentum must be in [0, 1)")
+        self.algorithm.check()
         if self.policy.checkpoint is None:
             raise UserError("config key policy.checkpoint is not set: give an HF or Megatron "
                             "checkpoint directory (or builtin:tiny-arithmetic)")

@@ -357,13 +357,19 @@ def fingerprint(records: list[PromptRecord]) -> str:
 class PromptIterator:
     """Batches of records in a seeded order, epoch after epoch (each epoch a fresh seeded
     permutation; a batch may span two epochs). ``state_dict`` is the exact position, so a
-    resumed run draws the same prompts the uninterrupted run would have drawn."""
+    resumed run draws the same prompts the uninterrupted run would have drawn.
+
+    Records drawn but not used (prompt selection skips them) go back with :meth:`give_back`:
+    they are drawn again, in the order given back, after the current epoch's order and
+    before the next epoch's (and after that one's, if given back again). Nothing drawn is
+    lost or drawn twice; the queue is part of the state."""
 
     def __init__(self, records: list[PromptRecord], seed: int = 0, shuffle: bool = True):
         if not records:
             raise UserError("no prompts to iterate over: check the prompt files and filters")
         self.records, self.seed, self.shuffle = records, seed, shuffle
         self.epoch, self.position = 0, 0
+        self.returned: list[int] = []
         self._fingerprint = fingerprint(records)
         self._order = self._epoch_order()
 
@@ -373,21 +379,34 @@ class PromptIterator:
             random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
         return order
 
-    def next_batch(self, n: int) -> list[PromptRecord]:
-        out = []
+    def draw(self, n: int) -> list[int]:
+        """Positions in :attr:`records` of the next ``n`` prompts."""
+        out: list[int] = []
         while len(out) < n:
             if self.position == len(self._order):
+                if self.returned:
+                    take = min(n - len(out), len(self.returned))
+                    out += self.returned[:take]
+                    del self.returned[:take]
+                    continue
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._epoch_order()
             take = min(n - len(out), len(self._order) - self.position)
-            out += [self.records[i] for i in self._order[self.position:self.position + take]]
+            out += self._order[self.position:self.position + take]
             self.position += take
         return out
+
+    def next_batch(self, n: int) -> list[PromptRecord]:
+        return [self.records[i] for i in self.draw(n)]
+
+    def give_back(self, positions: list[int]) -> None:
+        """Return drawn, unused prompts (positions from :meth:`draw`) to the stream."""
+        self.returned += positions
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
                 "shuffle": self.shuffle, "size": len(self.records),
-                "fingerprint": self._fingerprint}
+                "fingerprint": self._fingerprint, "returned": list(self.returned)}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
@@ -397,4 +416,5 @@ class PromptIterator:
                             f"({', '.join(changed)} changed): resume with the same data files, "
                             "filters and trainer.seed")
         self.epoch, self.position = state["epoch"], state["position"]
+        self.returned = list(state.get("returned", []))
         self._order = self._epoch_order()

@@ -15,11 +15,16 @@ a chunk never stretches the limit. Tasks travel pickled one by one with the pare
 Workers are started with ``spawn`` (forking a trainer that holds CUDA and NCCL threads is
 unsafe; as always with spawn, the main script must guard its work with
 ``if __name__ == "__main__"``) and say they are ready only after their imports, which
-therefore never count against a time limit.
+therefore never count against a time limit. They start with SIGTERM and SIGUSR1 blocked
+(``runtime.signals``): a Slurm time-limit or preemption signal reaches every process of the
+job step, and it is the trainer's to handle (it finishes its step, then checkpoints), not a
+reason for the step's reward checks to crash. Since such a worker also ignores
+multiprocessing's exit-time SIGTERM, the pool closes itself at interpreter exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
 import pickle
 import signal
@@ -29,6 +34,8 @@ import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
+
+from megatron_sppo.runtime.signals import shielded_spawn
 
 OK, TIMEOUT, CRASH = "ok", "timeout", "crash"
 _worker = {"inside": False}  # True in a worker process: its pool's limit covers all it runs
@@ -120,12 +127,16 @@ class WorkerPool:
         self.preload = tuple(preload)
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker] = []
+        # before multiprocessing's own exit hook (atexit runs last-registered first), which
+        # would wait for ever on workers that ignore its SIGTERM
+        atexit.register(self.close)
 
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(target=_serve, args=(child, self.preload), daemon=True,
                                  name="reward-worker")
-        proc.start()
+        with shielded_spawn():
+            proc.start()
         child.close()
         return _Worker(proc, parent)
 
@@ -233,8 +244,9 @@ class WorkerPool:
                 w.conn.send(None)
             except (OSError, ValueError):
                 pass
+        deadline = time.monotonic() + 1.0  # one second for all to exit, then SIGKILL
         for w in self._workers:
-            w.proc.join(1)
+            w.proc.join(max(0.0, deadline - time.monotonic()))
             self._kill(w)
         self._workers = []
 

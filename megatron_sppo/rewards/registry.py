@@ -123,6 +123,30 @@ class Scored:
     metrics: dict = field(default_factory=dict)
 
 
+COUNT_METRICS = ("reward/timeouts", "reward/errors")
+
+
+def combine_scored(parts: list[Scored], keep: list[list[int]]) -> Scored:
+    """One :class:`Scored` from several scoring calls (dynamic sampling's rounds): the
+    samples at ``keep[i]`` of ``parts[i]``, in that order; the metrics cover every sample
+    scored (counts summed, rates and means weighted by each call's samples)."""
+    out = Scored([], [], [], {})
+    weights: dict[str, int] = {}
+    for part, rows in zip(parts, keep, strict=True):
+        out.rewards += [part.rewards[i] for i in rows]
+        out.correctness += [part.correctness[i] for i in rows]
+        out.status += [part.status[i] for i in rows]
+        n = len(part.rewards)
+        for key, value in part.metrics.items():
+            w = 1 if key in COUNT_METRICS else n
+            out.metrics[key] = out.metrics.get(key, 0.0) + w * value
+            weights[key] = weights.get(key, 0) + w
+    for key in out.metrics:
+        if key not in COUNT_METRICS:
+            out.metrics[key] /= max(weights[key], 1)
+    return out
+
+
 class RewardScorer:
     """Scores responses against their prompt records (``prompt``, ``ground_truth``,
     ``data_source``, ``metadata``, ``index``). ``cfg``: a :class:`RewardConfig` or any object

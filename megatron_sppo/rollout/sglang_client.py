@@ -13,12 +13,17 @@ n samples per prompt are sent as duplicated requests (one rid per sample) by def
 not as ``sampling_params.n``. Read from SGLang 0.5.23's tokenizer_manager.py
 (``_handle_batch_request``): with n > 1 it first sends one prefix-caching request per
 prompt and awaits each in turn, gives every sample a fresh uuid rid (our rids cannot abort
-them), and warns that batches > 128 with n > 1 are "not well optimized"; with
-``sampling_seed`` all n copies share the seed, hence the same tokens. Duplicates get their
+them), and warns that batches > 128 with n > 1 are "not well optimized". Duplicates get their
 own seeds (:func:`~megatron_sppo.rollout.engine.sample_seed`) and still share the prompt's
-KV through the radix cache. ``n_mode="parallel"`` keeps SGLang's n for measuring on a GPU
-node (outputs grouped by prompt: output j belongs to prompt j // n); no SGLang was at hand
-to time both here.
+KV through the radix cache.
+
+Seeds: SGLang uses ``sampling_seed`` only when the server runs with
+``--enable-deterministic-inference`` (sampling/sampling_batch_info.py); there every row
+without a seed draws with seed 42, so the n samples of one prompt sent with SGLang's n come
+out identical, seeded or not. ``seeded`` says whether the servers honour seeds:
+``n_mode="parallel"`` (SGLang's n, outputs grouped by prompt: output j belongs to prompt
+j // n) is refused on such servers and sent without seeds on the others, where rollouts are
+not reproducible anyway. No SGLang was at hand to time both modes here.
 """
 
 from __future__ import annotations
@@ -192,7 +197,7 @@ class SGLangClient:
                  inflight_per_server: int = 8, n_mode: str = "duplicate",
                  request_timeout_s: float = 3600.0, max_retries: int = 3,
                  backoff_s: float = 0.5, restart_timeout_s: float = 600.0,
-                 abort_after_s: float | None = None):
+                 abort_after_s: float | None = None, seeded: bool = True):
         if not servers:
             raise UserError("no SGLang servers: launch some or give rollout.sglang.addresses")
         if n_mode not in ("duplicate", "parallel"):
@@ -203,6 +208,7 @@ class SGLangClient:
         self.batch_size = batch_size
         self.inflight = inflight_per_server
         self.n_mode = n_mode
+        self.seeded = seeded
         self.restart_timeout_s = restart_timeout_s
         self.abort_after_s = abort_after_s
         self._calls = itertools.count()
@@ -224,9 +230,11 @@ class SGLangClient:
         (duplicate mode) or per prompt with SGLang's n (parallel mode)."""
         call, n = next(self._calls), params.n
         parallel = self.n_mode == "parallel" and n > 1
-        if parallel and params.seed is not None:
-            raise UserError("n_mode='parallel' with a seed makes SGLang draw the n samples of "
-                            "a prompt alike: use n_mode='duplicate'")
+        if parallel and self.seeded:
+            raise UserError("n_mode='parallel' on servers with --enable-deterministic-inference "
+                            "draws the n samples of a prompt alike (they share a seed): use "
+                            "n_mode='duplicate'")
+        seed = params.seed if not parallel else None
         sampling = {**sglang_sampling_params(params), **({"n": n} if parallel else {})}
         requests = ([(p, None) for p in range(len(prompts))] if parallel
                     else [(p, s) for p in range(len(prompts)) for s in range(n)])
@@ -234,8 +242,8 @@ class SGLangClient:
         chunks = []
         for start in range(0, len(requests), per):
             part = requests[start:start + per]
-            sp = sampling if params.seed is None else [
-                {**sampling, "sampling_seed": sample_seed(params.seed, p, s)} for p, s in part]
+            sp = sampling if seed is None else [
+                {**sampling, "sampling_seed": sample_seed(seed, p, s)} for p, s in part]
             slots = [(p, k) for p, s in part for k in (range(n) if s is None else (s,))]
             chunks.append(_Chunk(slots, {
                 "input_ids": [prompts[p] for p, _ in part], "sampling_params": sp,

@@ -2,10 +2,18 @@
 
 Servers are launched here (one per replica, :mod:`.sglang_launcher`) or attached by
 address; generation goes through :class:`.sglang_client.SGLangClient`; weights through one
-of the transports of :mod:`.sglang_weights`. ``update_weights`` serves the single-process
-case (this process holds every exported tensor: ``sync="distributed"`` from the source rank,
-or ``sync="tensor"`` with one TP=1 server on this process's GPU); a multi-rank colocated
-trainer drives :class:`.sglang_weights.TensorSync` per server itself.
+of the transports of :mod:`.sglang_weights`: ``sync="tensor"`` (CUDA IPC, servers on this
+node's GPUs; from one process every server TP rank gets its own entry of this process's
+handles) or ``sync="distributed"`` (NCCL broadcast to servers on other GPUs). A multi-rank
+colocated trainer replaces :attr:`SGLangEngine.sync` by a :class:`.sglang_weights.TensorSync`
+whose entries come from the trainer ranks on the servers' GPUs
+(:mod:`megatron_sppo.trainer.weight_sync`).
+
+What each server runs with is read from its ``/server_info`` at start (TP size, GPUs,
+``enable_deterministic_inference``): SGLang 0.5.23 honours ``sampling_seed`` only with that
+flag (sampling/sampling_batch_info.py), so seeded, reproducible rollouts need it on every
+server, and without it the client does not pretend otherwise (:class:`.sglang_client.SGLangClient`
+``seeded``).
 
 ``payload="fp8_block"`` serves servers launched from a 128x128 block-FP8 checkpoint: every
 projection weight is quantised (e4m3 + ``weight_scale_inv``) before it is bucketed, because
@@ -22,13 +30,24 @@ import torch
 from megatron_sppo.errors import UserError
 from megatron_sppo.rollout.engine import Sample, SamplingParams
 from megatron_sppo.rollout.export import DEFAULT_BUCKET_BYTES, bucketed
-from megatron_sppo.rollout.sglang_client import SGLangClient, on_each
+from megatron_sppo.rollout.sglang_client import SGLangClient, SGLangHTTP, on_each
 from megatron_sppo.rollout.sglang_launcher import (DEFAULT_SGLANG_PYTHON, LaunchOptions,
                                                    SGLangServer, launch_servers)
 from megatron_sppo.rollout.sglang_weights import BroadcastSync, TensorSync
 
 SYNCS = ("distributed", "tensor")
 PAYLOADS = ("bf16", "fp8_block")
+
+
+def weight_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], payload: str,
+                   bucket_bytes: int):
+    """The buckets a sync sends (quantised first for ``payload="fp8_block"``), the same on
+    every trainer rank that supplies entries."""
+    if payload == "fp8_block":
+        from megatron_sppo.quant.fp8_block import quantize_named_tensors
+
+        named_tensors = quantize_named_tensors(named_tensors)
+    return bucketed(named_tensors, bucket_bytes)
 
 
 class SGLangEngine:
@@ -44,32 +63,33 @@ class SGLangEngine:
             raise UserError(f"payload={payload!r}: use one of {', '.join(PAYLOADS)}")
         self.payload = payload
         self.servers = servers
-        self.client = SGLangClient(servers, **client_options)
+        self.info = [SGLangHTTP(s).request("GET", "/server_info", timeout_s=30).json()
+                     for s in servers]
+        seeded = all(i.get("enable_deterministic_inference", False) for i in self.info)
+        self.client = SGLangClient(servers, seeded=seeded, **client_options)
         self.bucket_bytes = bucket_bytes
         self._version = 0
         endpoints = self.client.endpoints
+        tp_sizes = [int(i["tp_size"]) for i in self.info]
         if sync == "tensor":
-            if len(endpoints) != 1:
-                raise UserError("sync='tensor' from one process serves one colocated server: "
-                                "use one replica or drive TensorSync per server")
-            self.sync = TensorSync(endpoints[0])
+            self.sync = TensorSync(endpoints, [[0] * tp for tp in tp_sizes])
         else:
-            self.sync = BroadcastSync(endpoints, [self._tp_size(s, e) for s, e in
-                                                  zip(servers, endpoints)],
-                                      master_address=master_address, master_port=master_port,
-                                      backend=sync_backend, device=sync_device)
+            self.sync = BroadcastSync(endpoints, tp_sizes, master_address=master_address,
+                                      master_port=master_port, backend=sync_backend,
+                                      device=sync_device)
 
-    @staticmethod
-    def _tp_size(server: SGLangServer, endpoint) -> int:
-        if server.options is not None:
-            return server.options.tp_size
-        return int(endpoint.request("GET", "/server_info", timeout_s=30).json()["tp_size"])
+    def server_gpus(self) -> list[list[int]]:
+        """Each server's GPU index per TP rank (``--base-gpu-id`` + r ``--gpu-id-step``), as
+        this node numbers them (launched servers share this process's visible devices)."""
+        return [[int(i.get("base_gpu_id", 0)) + r * int(i.get("gpu_id_step", 1))
+                 for r in range(int(i["tp_size"]))] for i in self.info]
 
     @classmethod
     def create(cls, model_path: str | None = None, *, addresses: Iterable[str] = (),
                python: str = DEFAULT_SGLANG_PYTHON, replicas: int = 1, tp_size: int = 1,
                host: str = "127.0.0.1", port: int = 30000, base_gpu_id: int = 0,
                mem_fraction_static: float | None = None, enable_memory_saver: bool = False,
+               enable_deterministic_inference: bool = False,
                dtype: str = "auto", quantization: str | None = None,
                startup_timeout_s: float = 600.0, request_timeout_s: float = 3600.0,
                bucket_mb: int = DEFAULT_BUCKET_BYTES >> 20, log_dir: str | None = None,
@@ -87,8 +107,9 @@ class SGLangEngine:
             base = LaunchOptions(model_path=str(model_path), python=python, host=host, port=port,
                                  tp_size=tp_size, base_gpu_id=base_gpu_id,
                                  mem_fraction_static=mem_fraction_static,
-                                 enable_memory_saver=enable_memory_saver, dtype=dtype,
-                                 quantization=quantization)
+                                 enable_memory_saver=enable_memory_saver,
+                                 enable_deterministic_inference=enable_deterministic_inference,
+                                 dtype=dtype, quantization=quantization)
             servers = launch_servers(base, replicas, startup_timeout_s, log_dir)
         try:
             return cls(servers, bucket_bytes=bucket_mb << 20,
@@ -106,11 +127,7 @@ class SGLangEngine:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
                        version: int) -> None:
-        if self.payload == "fp8_block":
-            from megatron_sppo.quant.fp8_block import quantize_named_tensors
-
-            named_tensors = quantize_named_tensors(named_tensors)
-        self.sync.push(bucketed(named_tensors, self.bucket_bytes), version)
+        self.sync.push(weight_buckets(named_tensors, self.payload, self.bucket_bytes), version)
         self._version = version
 
     @property

@@ -5,6 +5,11 @@ replica is ``<sglang python> -m sglang.launch_server ...`` in a new process grou
 over HTTP. Weight updates need ``--dp-size 1``, so data parallelism is one server per
 replica (placed with ``--base-gpu-id``), balanced by the client. Flags are those of SGLang
 0.5.23 (``sglang/srt/arg_groups/fields/*.py``: a field ``tp_size`` is ``--tp-size``).
+
+A launched server starts with SIGUSR1 blocked (``runtime.signals``): Slurm's time-limit
+warning reaches every process of the job step, and the server must keep serving the step the
+trainer finishes before it checkpoints. SIGTERM stays deliverable: ``SGLangServer.stop`` and
+SGLang's own shutdown of its scheduler processes rely on it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import requests
 
 from megatron_sppo.errors import UserError
 from megatron_sppo.rollout.engine import EngineError
+from megatron_sppo.runtime.signals import stop_signals_blocked
 
 DEFAULT_SGLANG_PYTHON = "/opt/sglang-venv/bin/python"
 
@@ -38,6 +44,7 @@ class LaunchOptions:
     base_gpu_id: int = 0
     mem_fraction_static: float | None = None
     enable_memory_saver: bool = False
+    enable_deterministic_inference: bool = False
     dtype: str = "auto"
     quantization: str | None = None
     random_seed: int | None = None
@@ -57,6 +64,8 @@ def server_command(opts: LaunchOptions) -> list[str]:
         cmd += ["--mem-fraction-static", str(opts.mem_fraction_static)]
     if opts.enable_memory_saver:
         cmd.append("--enable-memory-saver")
+    if opts.enable_deterministic_inference:
+        cmd.append("--enable-deterministic-inference")
     if opts.quantization:
         cmd += ["--quantization", opts.quantization]
     if opts.random_seed is not None:
@@ -120,9 +129,10 @@ class SGLangServer:
                             "server with rollout.sglang.addresses")
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
-            self.process = subprocess.Popen(
-                server_command(opts), stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, **(self.env or {})}, start_new_session=True)
+            with stop_signals_blocked((signal.SIGUSR1,)):
+                self.process = subprocess.Popen(
+                    server_command(opts), stdout=log, stderr=subprocess.STDOUT,
+                    env={**os.environ, **(self.env or {})}, start_new_session=True)
         finally:
             if self.log_path:
                 log.close()
@@ -183,6 +193,8 @@ def launch_servers(base: LaunchOptions, replicas: int = 1, timeout_s: float = 60
     """Start ``replicas`` servers (see :func:`replica_options`) together, then wait for all
     of them; on any failure the ones already started are stopped."""
     servers = []
+    if log_dir:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
     try:
         for i, opts in enumerate(replica_options(base, replicas)):
             log = Path(log_dir) / f"sglang_{i}.log" if log_dir else None

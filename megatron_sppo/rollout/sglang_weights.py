@@ -8,7 +8,9 @@ resume with the new weights), ``/begin_weight_update``, the bucket calls with
 * Colocated (:class:`TensorSync`): each bucket is flattened into one uint8 tensor plus
   metadata and posted to ``/update_weights_from_tensor`` with ``load_format
   "flattened_bucket"``; the tensor travels as a CUDA-IPC handle, so the trainer rank on the
-  same GPU as SGLang TP rank i supplies entry i of ``serialized_named_tensors``.
+  same GPU as SGLang TP rank i supplies entry i of ``serialized_named_tensors`` (every TP rank
+  reads its own entry: a TP=2 server needs two). NCCL cannot serve this placement: a trainer
+  rank and a server rank on one GPU cannot share a communicator ("Duplicate GPU detected").
 * Separate rollout GPUs (:class:`BroadcastSync`): the trainer joins a process group as rank
   0 with every engine GPU (``/init_weights_update_group``); per bucket it posts
   ``/update_weights_from_distributed`` (names, dtypes, shapes in the flattened order) and
@@ -115,40 +117,68 @@ def weight_update_session(endpoints: list[SGLangHTTP], pause_mode: str = "retrac
         on_each(endpoints, lambda e: e.continue_generation())
 
 
-class TensorSync:
-    """Colocated sync to ONE server through ``/update_weights_from_tensor`` (CUDA IPC).
+def share_host_tensors_by_file() -> None:
+    """Host tensors cross to an unrelated process only as shared-memory files: torch's default
+    ``file_descriptor`` strategy pickles a DupFd that only a child of this process can open."""
+    import torch.multiprocessing
 
-    ``group``: the trainer ranks sharing that server's GPUs, in the server's TP-rank order;
-    every one of them calls :meth:`push` with its own copy of the same buckets and group rank
-    0 posts the gathered payloads. None: this process alone serves a TP=1 server.
+    if torch.multiprocessing.get_sharing_strategy() != "file_system":
+        torch.multiprocessing.set_sharing_strategy("file_system")
+
+
+class TensorSync:
+    """Colocated sync through ``/update_weights_from_tensor`` (CUDA IPC), per server and per
+    server TP rank.
+
+    ``sources[i][j]``: the rank (of ``group``) that supplies entry j of server i's
+    ``serialized_named_tensors``, the one on the GPU of server i's TP rank j; each entry is its
+    own pickle (its own IPC reference), read by that TP rank only. Every rank of ``group``
+    calls :meth:`push` with the same buckets; group rank 0 gathers the entries, posts every
+    server's call and holds the weight-update sessions, and all ranks keep their bucket alive
+    until the servers have read it. ``group`` None: this process supplies every entry (a
+    single trainer process; a TP rank on another GPU opens the handle across GPUs).
     """
 
-    def __init__(self, endpoint: SGLangHTTP, group=None):
-        self.endpoint = endpoint
+    def __init__(self, endpoints: list[SGLangHTTP], sources: list[list[int]], group=None):
+        self.endpoints = endpoints
+        self.sources = sources
         self.group = group
+        self.rank = 0 if group is None else dist.get_rank(group)
+        self.mine = [(i, j) for i, row in enumerate(sources) for j, r in enumerate(row)
+                     if r == self.rank]
 
-    def _leader(self) -> bool:
-        return self.group is None or dist.get_rank(self.group) == 0
+    def _entries(self, bucket: Bucket) -> tuple[torch.Tensor, dict]:
+        flat, metadata = flatten_bucket(bucket)
+        if not flat.is_cuda:
+            share_host_tensors_by_file()
+        return flat, {slot: serialize_for_ipc({"flattened_tensor": flat, "metadata": metadata})
+                      for slot in self.mine}
+
+    def _post(self, entries: dict, version: int) -> None:
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(self.endpoints))) as pool:
+            calls = [pool.submit(e.call, "/update_weights_from_tensor", {
+                "serialized_named_tensors": [entries[i, j] for j in range(len(row))],
+                "load_format": "flattened_bucket", "flush_cache": False,
+                "weight_version": str(version)})
+                for i, (e, row) in enumerate(zip(self.endpoints, self.sources))]
+            for call in calls:
+                call.result()
 
     def push(self, buckets: Iterable[Bucket], version: int) -> int:
-        """Send every bucket; returns how many. Tensors stay alive until each call returns."""
+        """Send every bucket; returns how many."""
         count = 0
-        session = (weight_update_session([self.endpoint]) if self._leader()
-                   else contextlib.nullcontext())
+        leader = self.rank == 0
+        session = weight_update_session(self.endpoints) if leader else contextlib.nullcontext()
         with session:
             for bucket in buckets:
-                flat, metadata = flatten_bucket(bucket)
-                payloads = [serialize_for_ipc({"flattened_tensor": flat, "metadata": metadata})]
+                flat, entries = self._entries(bucket)  # flat lives until the servers read it
                 if self.group is not None:
-                    gathered = [None] * dist.get_world_size(self.group) if self._leader() else None
-                    dist.gather_object(payloads[0], gathered,
-                                       group_dst=0, group=self.group)
-                    payloads = gathered
-                if self._leader():
-                    self.endpoint.call("/update_weights_from_tensor", {
-                        "serialized_named_tensors": payloads, "load_format": "flattened_bucket",
-                        "flush_cache": False, "weight_version": str(version)})
-                if self.group is not None:  # the server has read every rank's handles
+                    gathered = [None] * dist.get_world_size(self.group) if leader else None
+                    dist.gather_object(entries, gathered, group_dst=0, group=self.group)
+                    entries = {k: v for part in gathered or [] for k, v in part.items()}
+                if leader:
+                    self._post(entries, version)
+                if self.group is not None:  # the servers have opened every rank's handles
                     dist.barrier(group=self.group)
                 count += 1
         return count

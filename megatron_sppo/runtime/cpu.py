@@ -33,8 +33,6 @@ import warnings
 import torch
 from torch.overrides import TorchFunctionMode
 
-from megatron_sppo.runtime import emulated
-
 _CPU = torch.device("cpu")
 _ENABLED = False
 
@@ -60,7 +58,7 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _NoOpStream:
+class NoOpStream:
     """Stands in for ``torch.cuda.Stream``; stays a class so annotations like
     ``torch.cuda.Stream | None`` (evaluated by transformers at import) still work."""
 
@@ -74,7 +72,7 @@ class _NoOpStream:
         pass
 
     def record_event(self, event=None):
-        return event or _NoOpEvent()
+        return event or NoOpEvent()
 
     def synchronize(self):
         pass
@@ -82,8 +80,17 @@ class _NoOpStream:
     def query(self):
         return True
 
+    def is_capturing(self):
+        return False
 
-class _NoOpEvent:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class NoOpEvent:
     """Stands in for ``torch.cuda.Event``: CPU work is already complete when recorded."""
 
     def __init__(self, *args, **kwargs):
@@ -144,6 +151,8 @@ def enable_cpu_megatron(force: bool = False) -> bool:
     force = force or os.environ.get("MEGATRON_SPPO_FORCE_CPU") == "1"
     if torch.cuda.is_available() and not force:
         return False
+    from megatron_sppo.runtime import emulated
+
     if emulated.requested() and not force:
         emulated.enable()  # the strict layer: host and an emulated device apart
         _ENABLED = True
@@ -156,11 +165,11 @@ def enable_cpu_megatron(force: bool = False) -> bool:
     cuda.device_count = lambda: 0
     cuda.synchronize = lambda device=None: None
     cuda.empty_cache = lambda: None
-    cuda.Stream = _NoOpStream
-    cuda.ExternalStream = _NoOpStream
-    cuda.Event = _NoOpEvent
-    cuda.current_stream = lambda device=None: _NoOpStream()
-    cuda.default_stream = lambda device=None: _NoOpStream()
+    cuda.Stream = NoOpStream
+    cuda.ExternalStream = NoOpStream
+    cuda.Event = NoOpEvent
+    cuda.current_stream = lambda device=None: NoOpStream()
+    cuda.default_stream = lambda device=None: NoOpStream()
     cuda.stream = lambda stream=None: contextlib.nullcontext()
     cuda.set_stream = lambda stream: None
     cuda.is_current_stream_capturing = lambda: False

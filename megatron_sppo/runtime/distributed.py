@@ -93,3 +93,16 @@ def init_distributed(
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
     return not on_gpu
+
+
+def shutdown_distributed() -> None:
+    """Collective, after a run's last step: every rank leaves together and the process groups
+    are destroyed before interpreter exit (a gloo/NCCL group torn down by static destructors
+    can abort the process: "terminate called without an active exception")."""
+    if not dist.is_initialized():
+        return
+    from megatron.core import parallel_state
+
+    dist.barrier()
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()

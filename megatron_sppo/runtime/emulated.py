@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_sppo.runtime.cpu import NoOpEvent, NoOpStream
+
 ENV = "MEGATRON_SPPO_EMULATE_GPU"
 ENV_COUNT = "MEGATRON_SPPO_EMULATE_GPU_COUNT"
 ENV_MEMORY = "MEGATRON_SPPO_EMULATE_GPU_MEMORY"
@@ -82,8 +84,9 @@ class _Devices:
         self.allocated, self.reserved, self.peak, self.published = [0] * n, [0] * n, [0] * n, [0] * n
         self.lock = threading.RLock()
         root = os.environ.get(ENV_DIR)
-        if not root:  # first process of a run: its children share the directory
-            root = tempfile.mkdtemp(prefix="megatron-sppo-emulated-gpus-")
+        if not root:  # one directory per session (torchrun's ranks), inherited by children
+            root = os.path.join(tempfile.gettempdir(),
+                                f"megatron-sppo-emulated-gpus-{os.getuid()}-{os.getsid(0)}")
             os.environ[ENV_DIR] = root
         self.root = Path(root)
 
@@ -232,10 +235,13 @@ def _index_of(device) -> int | None:
 
 
 class DeviceTensor(torch.Tensor):
-    """A tensor on an emulated GPU: ``elem`` holds its data on the host."""
+    """A tensor on an emulated GPU: ``elem`` holds its data on the host. ``index`` None: a
+    device tensor whose data was moved to the host through ``.data`` (megatron's optimizer
+    offload): it behaves as a host tensor but keeps its identity, so the autograd hooks
+    megatron's DDP registered on it survive, as a CUDA tensor's do when it changes device."""
 
     elem: torch.Tensor
-    index: int
+    index: int | None
 
     @staticmethod
     def __new__(cls, elem: torch.Tensor, index: int, requires_grad: bool = False):
@@ -251,26 +257,30 @@ class DeviceTensor(torch.Tensor):
 
     def __repr__(self, *, tensor_contents=None):
         text = repr(self.elem)
-        return f"{text[:-1]}, device='cuda:{self.index}')" if text.endswith(")") else text
+        if self.index is None or not text.endswith(")"):
+            return text
+        return f"{text[:-1]}, device='cuda:{self.index}')"
 
     # what Python code asks a CUDA tensor ------------------------------------------------
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda", self.index)
+        return _HOST if self.index is None else torch.device("cuda", self.index)
 
     @property
     def is_cuda(self) -> bool:
-        return True
+        return self.index is not None
 
     @property
     def is_cpu(self) -> bool:
-        return False
+        return self.index is None
 
     def get_device(self) -> int:
-        return self.index
+        return -1 if self.index is None else self.index
 
     def type(self, dtype=None, non_blocking=False, **kwargs):
+        if self.index is None:
+            return self.elem.type(dtype, non_blocking, **kwargs)
         if dtype is None and not kwargs:
             return self.elem.type().replace("torch.", "torch.cuda.", 1)
         if isinstance(dtype, str) and not dtype.startswith("torch.cuda."):
@@ -279,6 +289,8 @@ class DeviceTensor(torch.Tensor):
         return _to_device(self.cpu().type(dtype), self.index)
 
     def numpy(self, *args, **kwargs):
+        if self.index is None:
+            return self.elem.numpy(*args, **kwargs)
         raise TypeError(f"can't convert cuda:{self.index} device type tensor to numpy. Use "
                         "Tensor.cpu() to copy the tensor to host memory first.")
 
@@ -303,7 +315,12 @@ class DeviceTensor(torch.Tensor):
 
 
 def is_device_tensor(x) -> bool:
-    return isinstance(x, DeviceTensor)
+    """On an emulated GPU now (a parked device tensor is on the host)."""
+    return isinstance(x, DeviceTensor) and x.index is not None
+
+
+def _device_of(x) -> int | None:
+    return x.index if isinstance(x, DeviceTensor) else None
 
 
 # ---- .data and storage resizes across host and device --------------------------------------
@@ -314,37 +331,33 @@ _RESIZE = torch.UntypedStorage.resize_
 
 def _get_data(self):
     if isinstance(self, DeviceTensor):
-        return DeviceTensor(self.elem.detach(), self.index)
+        return self.elem.detach() if self.index is None else DeviceTensor(self.elem.detach(),
+                                                                          self.index)
     return _DATA.__get__(self)
 
 
 def _set_data(self, value):
-    """``t.data = v``: v's data under t's identity. Between host and device (megatron's
-    optimizer offload does ``p.data = p.data.cpu()``) the tensor changes kind in place,
-    keeping its attributes, as a CUDA tensor changes device (its ``.grad``, on the old
-    device, is dropped)."""
+    """``t.data = v``: v's data under t's identity, also between host and device (megatron's
+    optimizer offload does ``p.data = p.data.cpu()`` and back). A device tensor moved to the
+    host is parked (see :class:`DeviceTensor`) and its memory released."""
     if not isinstance(self, DeviceTensor) and not isinstance(value, DeviceTensor):
         return _DATA.__set__(self, value)
-    if isinstance(self, DeviceTensor) and isinstance(value, DeviceTensor):
+    if not isinstance(self, DeviceTensor):
+        raise RuntimeError("emulated GPU: a host tensor cannot take a device tensor's .data "
+                           "in place here; build it on the device, or move it with .to()")
+    if is_device_tensor(self):
+        self.__dict__["_emulated_release"]()
+    if isinstance(value, DeviceTensor):
         with torch._C.DisableTorchFunctionSubclass():
             _DATA.__set__(self, value)
-        self.__dict__["_emulated_release"]()
         self.elem, self.index = value.elem, value.index
-        devices().track(self)
+        if value.index is not None:
+            devices().track(self)
         return None
-    keep = {k: v for k, v in self.__dict__.items()
-            if k not in ("elem", "index", "_emulated_release", "_emulated_origin")}
-    if isinstance(self, DeviceTensor):
-        self.__dict__["_emulated_release"]()
-    inner = value.detach()
-    new = (torch.nn.Parameter(inner, requires_grad=self.requires_grad)
-           if isinstance(self, torch.nn.Parameter) else inner.requires_grad_(self.requires_grad))
-    if isinstance(new, DeviceTensor):  # swap_tensors refuses tensors with weak references
-        new.__dict__["_emulated_release"]()
-    torch.utils.swap_tensors(self, new)
-    self.__dict__.update(keep)
-    if isinstance(self, DeviceTensor):
-        devices().track(self)
+    if value.shape != self.shape or value.dtype != self.dtype:
+        raise RuntimeError(f"emulated GPU: .data of a {list(self.shape)} {self.dtype} device "
+                           f"tensor set to a {list(value.shape)} {value.dtype} host tensor")
+    self.elem, self.index = value.detach(), None
     return None
 
 
@@ -405,7 +418,7 @@ def _check_devices(func, args, kwargs) -> int | None:
 
     def visit(x, nested: bool):
         nonlocal found, host
-        if isinstance(x, DeviceTensor):
+        if is_device_tensor(x):
             if found is not None and found != x.index:
                 raise _mixed_devices(func, found, f"cuda:{x.index}", None)
             found = x.index
@@ -426,6 +439,7 @@ def _check_devices(func, args, kwargs) -> int | None:
 
 
 def _unwrap(x):
+    """Device tensors (also inside lists and tuples) as their host data."""
     if isinstance(x, DeviceTensor):
         return x.elem
     if isinstance(x, (list, tuple)):
@@ -504,6 +518,8 @@ def _to_host(x: torch.Tensor) -> torch.Tensor:
     """A host copy (gradients flow back to the device tensor as device tensors)."""
     if not isinstance(x, DeviceTensor):
         return x
+    if x.index is None:  # parked: its data is on the host already
+        return x.elem
     if x.requires_grad:
         return _ToHost.apply(x)
     return x.elem.clone()
@@ -517,7 +533,7 @@ def _tensor_to(self: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     device tensor on its device)."""
     copy = kwargs.pop("copy", False)
     device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
-    index = self.index if isinstance(self, DeviceTensor) else None
+    index = _device_of(self)
     if device is None or _index_of(device) == index:  # no move: no device argument to torch
         return _TENSOR_TO(self, dtype=dtype or self.dtype, non_blocking=non_blocking, copy=copy,
                           memory_format=memory_format or torch.preserve_format)
@@ -542,7 +558,7 @@ def module_to(module: torch.nn.Module, index: int | None) -> torch.nn.Module:
         if param:
             new = torch.nn.Parameter(inner, requires_grad=t.requires_grad)
             for key, value in t.__dict__.items():
-                if key not in ("elem", "index", "_emulated_origin"):
+                if key not in ("elem", "index") and not key.startswith("_emulated"):
                     setattr(new, key, value)
         else:
             new = inner
@@ -551,11 +567,10 @@ def module_to(module: torch.nn.Module, index: int | None) -> torch.nn.Module:
 
     for m in module.modules():
         for name, p in list(m._parameters.items()):
-            if p is not None and (index is None) == isinstance(p, DeviceTensor) or (
-                    p is not None and isinstance(p, DeviceTensor) and p.index != index):
+            if p is not None and _device_of(p) != index:
                 m._parameters[name] = convert(p, True)
         for name, b in list(m._buffers.items()):
-            if b is not None and (index is None) == isinstance(b, DeviceTensor):
+            if b is not None and _device_of(b) != index:
                 m._buffers[name] = convert(b, False)
     return module
 
@@ -582,15 +597,6 @@ def _module_to(self, *args, **kwargs):
 
 # ---- the function mode: factories on "cuda", host-tensor origins --------------------------
 
-def _host_values(data):
-    """``torch.tensor`` data with device tensors read back (CUDA reads 0-dim ones' values)."""
-    if isinstance(data, DeviceTensor):
-        return data.elem
-    if isinstance(data, (list, tuple)):
-        return type(data)(_host_values(x) for x in data)
-    return data
-
-
 _FROM_DATA = ("tensor", "as_tensor", "asarray")
 
 
@@ -601,7 +607,7 @@ def _create(func, args, kwargs):
     if getattr(func, "__name__", "") in _FROM_DATA and args:
         if device is None and isinstance(args[0], DeviceTensor):  # a copy stays on its device
             device = args[0].device
-        args = (_host_values(args[0]), *args[1:])
+        args = (_unwrap(args[0]), *args[1:])  # CUDA reads 0-dim device values back
     index = _index_of(device)
     if index is None:
         return func(*args, **kwargs)
@@ -653,6 +659,11 @@ def _tensor_cpu(self, *args, **kwargs):
 
 
 def _patch_factories() -> None:
+    # torch's device context managers (``with torch.device("meta")``, which transformers
+    # builds models under) recognise factories by identity: cache the originals first
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
     for name in _FACTORIES:
         setattr(torch, name, _factory(getattr(torch, name)))
     for name in ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor"):
@@ -697,55 +708,11 @@ class _Props:
         self.index = index
 
 
-class _Stream:
-    """``torch.cuda.Stream`` stand-in (a class: transformers evaluates ``Stream | None``)."""
+class _Stream(NoOpStream):
+    """``torch.cuda.Stream`` on the current emulated device (work is synchronous here)."""
 
     def __init__(self, *args, **kwargs):
         self.device = torch.device("cuda", devices().current)
-
-    def wait_stream(self, *args, **kwargs):
-        pass
-
-    def wait_event(self, *args, **kwargs):
-        pass
-
-    def record_event(self, event=None):
-        return event or _Event()
-
-    def synchronize(self):
-        pass
-
-    def query(self):
-        return True
-
-    def is_capturing(self):
-        return False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-class _Event:
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def record(self, *args, **kwargs):
-        pass
-
-    def wait(self, *args, **kwargs):
-        pass
-
-    def synchronize(self):
-        pass
-
-    def query(self):
-        return True
-
-    def elapsed_time(self, other):
-        return 0.0
 
 
 class _DeviceContext:
@@ -795,7 +762,7 @@ def _patch_cuda() -> None:
     cuda.empty_cache = d.empty_cache
     cuda.ipc_collect = lambda: None
     cuda.Stream = cuda.ExternalStream = _Stream
-    cuda.Event = _Event
+    cuda.Event = NoOpEvent
     cuda.current_stream = cuda.default_stream = lambda device=None: _Stream()
     cuda.stream = lambda stream=None: contextlib.nullcontext(stream)
     cuda.set_stream = lambda stream: None

@@ -31,6 +31,9 @@ from megatron_sppo.runtime import emulated
 _DECLARED: dict[int, str] = {}  # id(process group) -> the backend it was created with
 _CHECKED: set[int] = set()  # groups whose GPUs were checked for duplicates
 _ORIGINAL: dict[str, object] = {}
+# Collectives with a torch function mode active hand themselves back to ``c10d.<name>`` (this
+# wrapper) through handle_torch_function, with the host tensors already prepared: that second
+# pass goes straight through (per thread, per collective).
 
 
 def _backend_devices(backend: str | None) -> set[str]:

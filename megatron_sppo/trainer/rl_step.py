@@ -92,18 +92,29 @@ def forward_logprobs(model: TrainedModel, batch: StepBatch, cfg: Config) -> torc
 
 
 @torch.no_grad()
+def prompt_critic_logits(critic: TrainedModel, prompt_ids: torch.Tensor,
+                         prompt_lengths: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """[B] SPPO critic logits f(prompt) of right-padded prompts, on every rank: one
+    forward-only pass through megatron-core's schedule at the critic's layout (the step's
+    values, held-out probes and the prompt-selection pool)."""
+    mine = _local(critic, list(range(prompt_ids.shape[0])))
+    cb = CriticBatch(prompt_ids[mine], prompt_lengths[mine])
+    results = critic_forward_backward(critic.ddp, cb.micro(list(range(len(mine)))),
+                                      max_tokens=cfg.trainer.max_tokens_per_microbatch,
+                                      forward_only=True, layout=critic.layout)
+    return share_rows(_global_rows(results, mine), "logits", (prompt_ids.shape[0],),
+                      critic.groups)
+
+
+@torch.no_grad()
 def critic_values(critic: TrainedModel, batch: StepBatch, cfg: Config) -> None:
     """Pre-update critic outputs: SPPO's f(prompt) per sample, or gae's V per token."""
-    mine = _local(critic, list(range(batch.size)))
-    max_tokens = cfg.trainer.max_tokens_per_microbatch
     if cfg.algorithm.estimator == "sppo":
-        cb = CriticBatch(batch.critic_prompt_ids[mine], batch.critic_prompt_lengths[mine])
-        results = critic_forward_backward(critic.ddp, cb.micro(list(range(len(mine)))),
-                                          max_tokens=max_tokens, forward_only=True,
-                                          layout=critic.layout)
-        batch.critic_logits = share_rows(_global_rows(results, mine), "logits", (batch.size,),
-                                         critic.groups)
+        batch.critic_logits = prompt_critic_logits(critic, batch.critic_prompt_ids,
+                                                   batch.critic_prompt_lengths, cfg)
     else:
+        mine = _local(critic, list(range(batch.size)))
+        max_tokens = cfg.trainer.max_tokens_per_microbatch
         t = batch.tensors
         tb = TokenCriticBatch(t.input_ids[mine], t.lengths[mine], batch.loss_mask[mine])
         results = token_critic_forward_backward(critic.ddp, tb.micro(list(range(len(mine)))),

@@ -24,11 +24,12 @@ def load_records(cfg: Config, files: list[str], split: str) -> list:
     from megatron_sppo.data.prompts import PromptRecord, load_prompt_records
 
     if files == [BUILTIN_ARITHMETIC]:
-        from megatron_sppo.data.arithmetic import make_prompt_records
+        from megatron_sppo.data.arithmetic import TASKS, make_prompt_records
 
         n = ARITHMETIC_TRAIN_PROMPTS if split == "train" else cfg.data.eval_size
         raw = make_prompt_records(n, split="train" if split == "train" else "heldout",
-                                  seed=cfg.trainer.seed if split == "train" else 0)
+                                  seed=cfg.trainer.seed if split == "train" else 0,
+                                  levels=TASKS[cfg.data.arithmetic_task])
         return [PromptRecord(prompt=r["prompt"], ground_truth=r["answer"],
                              data_source=r["data_source"], metadata={"level": r["level"]},
                              index=i) for i, r in enumerate(raw)]

@@ -61,10 +61,14 @@ def moves():
             "x_grad": str(x.grad.device), "w_grad": str(layer.weight.grad.device),
             "host_grad": str(host.grad.device)}
     p = layer.weight
+    fired = []  # megatron's DDP accumulates gradients through a hook like this one
+    accumulator = p.expand_as(p).grad_fn.next_functions[0][0]
+    accumulator.register_hook(lambda *grads: fired.append(True))
     p.data = p.data.cpu()  # megatron's optimizer offload
     offloaded = (p.device.type, getattr(p, "tensor_model_parallel", None))
     p.data = p.data.cuda()
-    report({**seen, "offloaded": offloaded,
+    layer(x).sum().backward()
+    report({**seen, "offloaded": offloaded, "hook_after_restore": bool(fired),
             "restored": (str(p.device), p.tensor_model_parallel,
                          isinstance(p, torch.nn.Parameter))})
 

@@ -1,14 +1,15 @@
-"""A CPU stand-in for an SGLang 0.5.23 server: the native HTTP endpoints the rollout engine
-uses, with their request/response JSON as SGLang's http_server.py / io_struct.py define them,
-deterministic fake generation, and failure modes for the client's error paths.
+"""``python -m sglang.launch_server``: CPU stand-ins for an SGLang 0.5.23 server, launched as
+the trainer launches SGLang (this directory on PYTHONPATH).
 
-In-process: ``FakeSGLang(**behaviour).start()`` serves on a free port from a thread.
-As a process (what the launcher starts): ``python -m sglang.launch_server --model-path M
---host H --port P ...`` with this directory on PYTHONPATH; behaviour from the environment
-variable FAKE_SGLANG (JSON of FakeSGLang keywords).
-
-Fake generation: output token t of a request is a function of its prompt, its
-sampling_seed and t, so tests can predict it; its logprob is -(token % 7 + 1) / 10.
+* By default the faithful stand-in (:mod:`sglang.standin`): a real transformers model of the
+  served checkpoint, one process per TP rank on its GPU of the emulated accelerator, SGLang's
+  sampler, weight updates, memory saver and KV sizing.
+* With the environment variable FAKE_SGLANG (JSON of FakeSGLang keywords), or in-process as
+  ``FakeSGLang(**behaviour).start()``: the fast fake-token server below, for the client's
+  error paths (token delays, servers dying mid-batch, 503s). It speaks the same native HTTP
+  endpoints with their request/response JSON (http_server.py / io_struct.py); output token t of
+  a request is a function of its prompt, its sampling_seed and t, its logprob
+  -(token % 7 + 1) / 10, and pushed weights are stored, not used.
 """
 
 from __future__ import annotations
@@ -23,29 +24,26 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
-import torch
-
-# The subset of SafeUnpickler.ALLOWED_GLOBALS (sglang/srt/utils/common.py, 0.5.23) that the
-# weight payloads may need; anything else is refused as SGLang refuses it.
-_ALLOWED = {("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"),
-            ("types", "SimpleNamespace"), ("torch", "Size"), ("torch", "Tensor"),
-            ("torch.storage", "UntypedStorage"), ("torch", "UntypedStorage"),
-            ("torch._utils", "_rebuild_tensor_v2"),
-            ("torch.multiprocessing.reductions", "rebuild_tensor"),
-            ("torch.multiprocessing.reductions", "rebuild_typed_storage"),
-            ("torch.multiprocessing.reductions", "rebuild_storage_fd"),
-            ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"),
-            ("multiprocessing.resource_sharer", "DupFd"),
-            *(("torch", d) for d in ("float32", "bfloat16", "float16", "uint8", "int64",
-                                    "float8_e4m3fn"))}
+# SafeUnpickler.ALLOWED_GLOBALS of the pinned wheel (sglang/srt/utils/common.py), extracted
+# into the protocol fixture by tools/extract_sglang_protocol.py.
+PROTOCOL = Path(__file__).resolve().parents[3] / "fixtures" / "sglang_protocol.json"
 
 
 class SafeUnpickler(pickle.Unpickler):
+    """SGLang's SafeUnpickler: globals outside the allow-list are refused."""
+
+    allowed: set | None = None
+
     def find_class(self, module, name):
-        if (module, name) not in _ALLOWED:
-            raise pickle.UnpicklingError(f"Blocked unsafe global ({module}.{name})")
-        return super().find_class(module, name)
+        if SafeUnpickler.allowed is None:
+            SafeUnpickler.allowed = {tuple(g) for g in
+                                     json.loads(PROTOCOL.read_text())["safe_unpickler_globals"]}
+        if (module, name) in SafeUnpickler.allowed:
+            return super().find_class(module, name)
+        raise RuntimeError(f"Blocked unsafe global ({module}.{name}) during pickle "
+                           "deserialization")
 
 
 def fake_token(prompt: list[int], seed: int, t: int) -> int:
@@ -58,6 +56,8 @@ def fake_logprob(token: int) -> float:
 
 def unflatten(flat: torch.Tensor, names, dtypes, shapes) -> dict[str, torch.Tensor]:
     """FlattenedTensorBucket layout: contiguous, in order, offsets aligned to the dtype."""
+    import torch  # here, not at the top: the stand-in's HTTP process never needs torch
+
     out, offset = {}, 0
     for name, dtype, shape in zip(names, dtypes, shapes):
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -240,6 +240,8 @@ class FakeSGLang:
         self.log.append("update_weights_from_distributed")
         if not self.session_open:
             return 400, {"success": False, "message": "outside a weight-update session"}
+        import torch
+
         assert body["load_format"] == "flattened_bucket"
         sizes = [torch.Size(s).numel() * getattr(torch, d).itemsize
                  for d, s in zip(body["dtypes"], body["shapes"])]
@@ -248,6 +250,8 @@ class FakeSGLang:
         return self._loaded(unflatten(flat, body["names"], body["dtypes"], body["shapes"]), body)
 
     def destroy_weights_update_group(self, body):
+        import torch
+
         torch.distributed.destroy_process_group(self.groups.pop(body["group_name"]))
         return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
 
@@ -269,56 +273,73 @@ class FakeSGLang:
     def _handler(self):
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        def route(method: str, path: str, body: dict):
+            fake.requests.append((method, path, body))
+            path = path.strip("/")
+            if path in ("health", "health_generate"):
+                return (200, "") if fake.behaviour["healthy"] else (503, "")
+            if path == "model_info":
+                return 200, {"model_path": fake.model_path, "is_generation": True,
+                             "weight_version": fake.weight_version}
+            if path == "server_info":
+                return 200, {"tp_size": fake.behaviour["tp_size"], "version": "0.5.23"}
+            handler = getattr(fake, path, None)
+            if handler is None or path.startswith("_"):
+                return 404, {"detail": "Not Found"}
+            return handler(body)
 
-            def log_message(self, *args):
-                pass
+        def die():  # the process dies mid-request: no answer, port closed
+            fake.httpd.socket.close()
+            if os.environ.get("FAKE_SGLANG") is not None:
+                os._exit(1)
 
-            def _reply(self, status, content):
-                raw = (content if isinstance(content, str) else json.dumps(content)).encode()
-                self.send_response(status)
-                self.send_header("content-type", "text/plain" if isinstance(content, str)
-                                 else "application/json")
-                self.send_header("content-length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
+        return make_handler(route, die)
 
-            def _route(self, body):
-                fake.requests.append((self.command, self.path.split("?")[0], body))
-                path = self.path.split("?")[0].strip("/")
-                if path in ("health", "health_generate"):
-                    return (200, "") if fake.behaviour["healthy"] else (503, "")
-                if path == "model_info":
-                    return 200, {"model_path": fake.model_path, "is_generation": True,
-                                 "weight_version": fake.weight_version}
-                if path == "server_info":
-                    return 200, {"tp_size": fake.behaviour["tp_size"], "version": "0.5.23"}
-                handler = getattr(fake, path, None)
-                if handler is None or path.startswith("_"):
-                    return 404, {"detail": "Not Found"}
-                return handler(body)
 
-            def do_GET(self):
-                self._reply(*self._route({}))
+def make_handler(route, die=None):
+    """An HTTP/1.1 handler answering JSON (or text) from ``route(method, path, body)`` ->
+    (status, content); a status of "die" drops the connection and calls ``die``."""
 
-            def do_POST(self):
-                length = int(self.headers.get("content-length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
-                status, content = self._route(body)
-                if status == "die":  # the process dies mid-request: no answer, port closed
-                    fake.httpd.socket.close()
-                    self.close_connection = True
-                    self.connection.close()
-                    if os.environ.get("FAKE_SGLANG") is not None:
-                        os._exit(1)
-                    return
-                self._reply(status, content)
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
 
-        return Handler
+        def log_message(self, *args):
+            pass
+
+        def _reply(self, status, content):
+            raw = (content if isinstance(content, str) else json.dumps(content)).encode()
+            self.send_response(status)
+            self.send_header("content-type", "text/plain" if isinstance(content, str)
+                             else "application/json")
+            self.send_header("content-length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def _answer(self, body):
+            status, content = route(self.command, self.path.split("?")[0], body)
+            if status == "die":
+                self.close_connection = True
+                self.connection.close()
+                die()
+                return
+            self._reply(status, content)
+
+        def do_GET(self):
+            self._answer({})
+
+        def do_POST(self):
+            length = int(self.headers.get("content-length") or 0)
+            self._answer(json.loads(self.rfile.read(length) or b"{}"))
+
+    return Handler
 
 
 def main() -> None:
+    if os.environ.get("FAKE_SGLANG") is None:
+        from sglang.standin.server import main as standin
+
+        standin(sys.argv[1:])
+        return
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--host", default="127.0.0.1")
@@ -326,7 +347,7 @@ def main() -> None:
     parser.add_argument("--tp-size", type=int, default=1)
     parser.add_argument("--dp-size", type=int, default=1)
     args, _ = parser.parse_known_args()  # the launcher's other flags are SGLang's
-    behaviour = json.loads(os.environ.get("FAKE_SGLANG") or "{}")
+    behaviour = json.loads(os.environ["FAKE_SGLANG"] or "{}")
     fake = FakeSGLang(args.host, args.port, tp_size=args.tp_size, model_path=args.model_path,
                       **behaviour)
     print(json.dumps({"argv": sys.argv[1:]}), flush=True)

@@ -1,0 +1,1 @@
+"""The faithful SGLang stand-in (see sglang/launch_server.py)."""
