@@ -60,7 +60,9 @@ from megatron_sppo.demo.run import (REPO_CONFIG, eval_points, machine_descriptio
                                     train_run)
 from megatron_sppo.fileio import save_figure_atomic, write_text_atomic  # noqa: E402
 
-GROUP = ["rollout.n=8", "trainer.prompts_per_step=8"]
+# 8 prompts x 8 responses, learnt from in four mini-batches of 2 prompts as the demo config's
+# 64 x 1 in four of 16
+GROUP = ["rollout.n=8", "trainer.prompts_per_step=8", "trainer.mini_batch_size=2"]
 METHODS = {
     "sppo": [],
     "sppo_selection": ["algorithm.prompt_selection=true"],
@@ -243,8 +245,10 @@ def _curves(axes_of, runs_by_method: dict, y_of, x_keys) -> None:
                                        label=method if i == 0 else None)
 
 
-def plot(runs_by_method: dict, task: str, target: float, path: Path) -> None:
-    """Held-out sampled and greedy pass@1 against training seconds and generated tokens."""
+def plot(runs_by_method: dict, task: str, target: float, path: Path,
+         title: str | None = None) -> None:
+    """Held-out sampled and greedy pass@1 against training seconds and generated tokens
+    (also tools/benchmark_vs_trl.py's figure, with its own ``title``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,8 +268,8 @@ def plot(runs_by_method: dict, task: str, target: float, path: Path) -> None:
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"SPPO vs baselines on the {task} arithmetic task (one line per seed; "
-                 "dashed: the target)")
+    title = title or f"SPPO vs baselines on the {task} arithmetic task"
+    fig.suptitle(f"{title} (one line per seed; dashed: the target)")
     save_figure_atomic(fig, path)
 
 

@@ -1,11 +1,11 @@
 """What a converted checkpoint tells Megatron-LM and Megatron-Bridge, and the checkpoints they
 write read back: Megatron-LM's own argument code rebuilds every model family's
 TransformerConfig from the saved ``args`` plus the flags the converter prints; vocabulary
-paddings (this project's 1024-multiple, Megatron-LM's 128 x TP rule, Bridge's unpadded)
-load into each other with HF's logits and convert to HF bit-identically; a checkpoint in
-Bridge's layout (``run_config.yaml`` in its newer builder form, no ``megatron_sppo.json``,
-no ``args``) converts and builds a policy and a critic; uneven pipeline stages follow
-Megatron-LM's rules; a wrong HF config is refused in one line."""
+paddings (this project's, a multiple of 64 for a small vocabulary, Megatron-LM's 128 x TP
+rule, Bridge's unpadded) load into each other with HF's logits and convert to HF
+bit-identically; a checkpoint in Bridge's layout (``run_config.yaml`` in its newer builder
+form, no ``megatron_sppo.json``, no ``args``) converts and builds a policy and a critic;
+uneven pipeline stages follow Megatron-LM's rules; a wrong HF config is refused in one line."""
 
 from __future__ import annotations
 
@@ -171,7 +171,7 @@ def stored(zoo, tmp_path, megatron_tp1):
     hf = zoo["qwen2_gqa_untied"]
     vocab = transformers.AutoConfig.from_pretrained(hf).vocab_size
     paddings = _paddings(vocab)
-    assert len(set(paddings.values())) == 3  # 1024, 384, 263
+    assert len(set(paddings.values())) == 3  # 320, 384, 263
     return hf, vocab, {writer: (tmp_path / writer, padded, _saved_at_padding(
         hf, tmp_path / writer, padded, writer)) for writer, padded in paddings.items()}
 
@@ -219,7 +219,7 @@ def test_a_bridge_checkpoint_builds_a_policy_and_a_critic(stored):
     reference = load_hf_tensors(hf)["model.embed_tokens.weight"]
     for model in (policy, critic):
         embedding = model.embedding.word_embeddings.weight
-        assert embedding.shape[0] == arch.padded_vocab_size == 1024
+        assert embedding.shape[0] == arch.padded_vocab_size == 320
         assert torch.equal(embedding[:vocab], reference) and not embedding[vocab:].any()
 
 

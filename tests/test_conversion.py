@@ -70,7 +70,7 @@ def test_megatron_lm_layout(zoo, tmp_path, megatron_tp1):
     keys = dist_checkpointing.load_tensors_metadata(str(iter_dir))
     assert "embedding.word_embeddings.weight" in keys
     assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in keys
-    assert keys["embedding.word_embeddings.weight"].global_shape[0] % 1024 == 0
+    assert keys["embedding.word_embeddings.weight"].global_shape[0] % 64 == 0
     meta = json.loads((iter_dir / "megatron_sppo.json").read_text())
     assert meta["arch"]["padded_vocab_size"] == keys["embedding.word_embeddings.weight"].global_shape[0]
     assert (iter_dir / "hf_config" / "config.json").is_file()

@@ -35,7 +35,8 @@ def test_demo_command_at_small_size(small_builtin, tmp_path):
     out = tmp_path / "demo"
     proc = run([sys.executable, "-m", "megatron_sppo", "demo", "--output-dir", out,
                 "trainer.total_steps=2", "trainer.eval_interval=2", "trainer.save_interval=0",
-                "trainer.prompts_per_step=8", "data.eval_size=6", "trainer.eval_samples=2",
+                "trainer.prompts_per_step=8", "trainer.mini_batch_size=2",
+                "critic.mini_batch_size=8", "data.eval_size=6", "trainer.eval_samples=2",
                 "rollout.max_response_length=12", "trainer.progress=false"],
                env={"MEGATRON_SPPO_CACHE": str(cache)})
     assert proc.stdout.strip().splitlines()[-1] == str(out)

@@ -30,6 +30,8 @@ def test_derived_fields():
     assert arch.padded_vocab_size == 152576 == padded_vocab(151936)
     for tp in (1, 2, 4, 8):
         assert arch.padded_vocab_size % tp == 0  # one padded size for every TP
+    assert padded_vocab(263) == 320 and padded_vocab(8191) == 8192  # small: multiples of 64
+    assert padded_vocab(8193) == 9216
     assert arch.dtype == "bfloat16" and not arch.tie_embeddings
     qwen2 = arch_from_hf_config({**BASE, "architectures": ["Qwen2ForCausalLM"],
                                  "use_sliding_window": False, "sliding_window": 4096})

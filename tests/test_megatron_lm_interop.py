@@ -83,7 +83,7 @@ def test_megatron_lm_builds_the_model_from_the_checkpoint_and_loads_it(megatron_
     work, hf, results = megatron_lm_run
     summary = next(r for r in results if "saved_iteration" in r)
     # the README's flags name no architecture: --use-checkpoint-args read it from the checkpoint
-    assert summary["num_layers"] == 3 and summary["padded_vocab_size"] == 1024
+    assert summary["num_layers"] == 3 and summary["padded_vocab_size"] == 320
     ids = torch.load(work / "ids.pt")
     loaded = torch.load(work / "logits_loaded.pt")
     model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()

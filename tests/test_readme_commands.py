@@ -40,6 +40,7 @@ RUN_HERE = (TRAIN, TORCHRUN, CONVERT, VERIFY, EXPORT)
 RUN_ELSEWHERE = {
     "pretrain_gpt.py": "test_megatron_lm_interop.py",
     "--megatron-path ckpt/r1-7b-continued": "test_megatron_lm_interop.py",
+    "benchmark_vs_trl.py": "test_benchmark_vs_trl.py",
 }
 
 NOT_RUN = {
@@ -60,8 +61,9 @@ NOT_RUN = {
         "test_evaluation.py runs `megatron-sppo eval` on files in those layouts",
 }
 
-CHEAP = ["trainer.prompts_per_step=8", "data.eval_size=4", "trainer.eval_samples=1",
-         "rollout.max_response_length=12", "trainer.progress=false"]
+CHEAP = ["trainer.prompts_per_step=8", "trainer.mini_batch_size=2", "critic.mini_batch_size=8",
+         "data.eval_size=4", "trainer.eval_samples=1", "rollout.max_response_length=12",
+         "trainer.progress=false"]
 
 
 def test_every_readme_command_is_run_or_marked():

@@ -102,11 +102,14 @@ class CriticConfig(ModelConfig):
     beside a 7B policy at TP=2), and its data-parallel size is the launched ranks / (tp*pp). head_bias_init: ``zero`` (the paper: V = 0.5 at
     the start) or ``first_batch`` (bias = logit of the first batch's success rate).
     warmup_steps: critic-only steps before the policy starts learning (the paper uses 50 for
-    token-level PPO, 0 for SPPO)."""
+    token-level PPO, 0 for SPPO). mini_batch_size: prompts per critic mini-batch (None:
+    ``trainer.mini_batch_size``), as verl's critic.ppo_mini_batch_size: the policy may take
+    several mini-batch steps while the critic takes one on the whole batch."""
 
     lr: float = 5e-6
     head_bias_init: str = "zero"
     warmup_steps: int = 0
+    mini_batch_size: int | None = None
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
@@ -426,14 +429,19 @@ class Config:
             warnings.warn("algorithm.estimator=gae with rollout.n > 1: token-level PPO is "
                           "usually run with one response per prompt", stacklevel=2)
         batch = self.trainer.prompts_per_step * self.rollout.n
-        mini = self.trainer.mini_batch_size or self.trainer.prompts_per_step
-        if self.trainer.prompts_per_step % mini:
-            raise UserError(f"config key trainer.mini_batch_size={mini} must divide "
-                            f"trainer.prompts_per_step={self.trainer.prompts_per_step}")
+        minis = {"policy": ("trainer.mini_batch_size", self.trainer.mini_batch_size),
+                 "critic": ("critic.mini_batch_size", self.critic_mini_batch_size)}
+        for name, (key, size) in minis.items():
+            if name == "critic" and not self.algorithm.needs_critic:
+                continue
+            if size is not None and (size < 1 or self.trainer.prompts_per_step % size):
+                raise UserError(f"config key {key}={size} must divide "
+                                f"trainer.prompts_per_step={self.trainer.prompts_per_step}")
         if world_size is not None:
             for name, model in (("policy", self.policy), ("critic", self.critic)):
                 if name == "critic" and not self.algorithm.needs_critic:
                     continue
+                mini = minis[name][1] or self.trainer.prompts_per_step
                 mp = model.tensor_model_parallel_size * model.pipeline_model_parallel_size
                 if world_size % mp:
                     raise UserError(
@@ -446,6 +454,11 @@ class Config:
                         f"{name} data-parallel size {dp} does not divide the mini-batch of "
                         f"{mini * self.rollout.n} sequences: change trainer.mini_batch_size "
                         "or the number of ranks")
+
+    @property
+    def critic_mini_batch_size(self) -> int | None:
+        """Prompts per critic mini-batch (None: the whole batch)."""
+        return self.critic.mini_batch_size or self.trainer.mini_batch_size
 
     def loss_config(self):
         from megatron_sppo.algorithms import PolicyLossConfig

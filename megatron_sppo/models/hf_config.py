@@ -25,8 +25,12 @@ FAMILIES = {
 }
 
 # One padded vocabulary size for every TP degree (128 x 8 divides by any power of two up to
-# 1024), recorded in the checkpoint so that it loads at any TP.
+# 1024), recorded in the checkpoint so that it loads at any TP. A vocabulary of fewer than
+# SMALL_VOCAB ids (tiny demo and test models) pads to a multiple of 64 instead, still divisible
+# by any TP up to 64: padded to 1024, the demo's 263 ids made its output layer and softmax
+# four times the work (checkpoints stored at either padding load into the other).
 VOCAB_PAD_MULTIPLE = 1024
+SMALL_VOCAB, SMALL_VOCAB_PAD_MULTIPLE = 8192, 64
 
 # megatron-core's llama3 rope scaling fixes these three; only `factor` is a GPTModel argument.
 _MCORE_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -94,7 +98,9 @@ class ModelArch:
         return cls(**data)
 
 
-def padded_vocab(vocab_size: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
+def padded_vocab(vocab_size: int, multiple: int | None = None) -> int:
+    if multiple is None:
+        multiple = SMALL_VOCAB_PAD_MULTIPLE if vocab_size < SMALL_VOCAB else VOCAB_PAD_MULTIPLE
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
@@ -133,7 +139,7 @@ def _check_rope_scaling(scaling: dict | None, family: str) -> float | None:
     return float(scaling["factor"])
 
 
-def arch_from_hf_config(cfg: dict, vocab_pad_multiple: int = VOCAB_PAD_MULTIPLE) -> ModelArch:
+def arch_from_hf_config(cfg: dict, vocab_pad_multiple: int | None = None) -> ModelArch:
     """Validate a config.json dict and translate it; unsupported features raise UserError."""
     archs = cfg.get("architectures") or []
     if len(archs) != 1 or archs[0] not in FAMILIES:

@@ -4,7 +4,9 @@ Under tensor parallelism every rank holds logits for its slice of the (padded) v
 Both quantities are computed with all-reduces of per-rank partial results (max, sum-exp,
 sum of p*z), never gathering the full vocabulary on one rank. The logits are divided by the
 sampling temperature first, because that is what the rollout engine samples from and
-reports (SGLang returns log_softmax(logits / T)), and padded vocabulary ids are masked out.
+reports (SGLang returns log_softmax(logits / T)), and padded vocabulary ids are masked out
+(sliced off when one rank holds the whole vocabulary: a small vocabulary padded to 1024 ids
+would otherwise spend most of the softmax on padding).
 """
 
 from __future__ import annotations
@@ -47,8 +49,11 @@ def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, *, v
     from megatron.core import parallel_state, tensor_parallel
 
     group = tp_group or parallel_state.get_tensor_model_parallel_group()
-    scaled = mask_padded_logits(logits.float() / temperature, vocab_size,
-                                dist.get_rank(group))
+    if dist.get_world_size(group) == 1:  # one shard: drop the padded ids instead of masking
+        scaled = logits[..., :vocab_size].float() / temperature
+    else:
+        scaled = mask_padded_logits(logits.float() / temperature, vocab_size,
+                                    dist.get_rank(group))
     # Entropy first: vocab_parallel_cross_entropy overwrites its fp32 input in place.
     entropy = None
     if with_entropy:

@@ -107,12 +107,12 @@ class Components:
 
     def evaluate(self, step: int) -> dict:
         """Held-out metrics (collective; {} without eval data)."""
-        from megatron_sppo.trainer.evaluation import evaluate_heldout
+        from megatron_sppo.trainer.evaluation import eval_seed, evaluate_heldout
 
         if not self.eval_records:
             return {}
         return evaluate_heldout(self, self.eval_records, self.cfg.trainer.eval_samples,
-                                seed=self.cfg.trainer.seed * 7919 + step)
+                                seed=eval_seed(self.cfg, step))
 
     # ---- checkpoint state --------------------------------------------------------------
 

@@ -39,17 +39,19 @@ class CriticBatch:
 def critic_forward_backward(model, batch: CriticBatch, *, max_tokens: int,
                             forward_only: bool = False,
                             layout: SequenceLayout = SequenceLayout()) -> list[dict]:
-    """forward_only: dicts with ``rows`` and their ``logits`` f(prompt); otherwise the BCE
-    update's gradients are accumulated in the DDP buffers (call optimizer.step() after)."""
+    """Dicts with ``rows`` and their ``logits`` f(prompt) as this forward computed them;
+    unless forward_only, the BCE update's gradients are also accumulated in the DDP buffers
+    (call optimizer.step() after)."""
     groups = token_budget_microbatches(batch.prompt_lengths.tolist(), max_tokens)
 
     def loss(output, item):
         rows, mb = item
         logits = logits_at(output, mb.prompt_lengths - 1)
+        values = {"rows": rows, "logits": logits.detach()}
         if forward_only:
-            return logits.sum(), 1, {"rows": rows, "logits": logits.detach()}
+            return logits.sum(), 1, values
         out = bce_value_loss(logits, mb.correctness)
-        return out.loss_sum, out.denominator, {}
+        return out.loss_sum, out.denominator, values
 
     micro = [(rows, batch.micro(rows, layout.row_multiple)) for rows in groups]
     return run_microbatches(model, [(mb.prompt_ids, mb.prompt_lengths, (rows, mb))

@@ -76,35 +76,51 @@ def per_level(records, outcomes: torch.Tensor, greedy_right: torch.Tensor) -> di
     return out
 
 
+def eval_seed(cfg, step: int) -> int:
+    """The sampling seed of the held-out evaluation after ``step`` (the same for any trainer
+    scored with :func:`sample_and_score`, so that equal models get equal figures)."""
+    return cfg.trainer.seed * 7919 + step
+
+
+def sample_and_score(engine, scorer, records, prompt_ids: list[list[int]], rollout, k: int,
+                     seed: int) -> dict:
+    """The held-out metrics of what ``engine`` holds: k samples per prompt at the rollout
+    settings (``rollout``: the config's section) and one greedy response, checked by
+    ``scorer``. ``outcomes`` [P, k] is among them. Shared by the trainer's evaluation and by
+    tools/benchmark_vs_trl.py, which scores other trainers' checkpoints with it."""
+    from megatron_sppo.rollout import SamplingParams
+
+    r = rollout
+    sampled = engine.generate(prompt_ids, SamplingParams(
+        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+        max_new_tokens=r.max_response_length, stop=tuple(r.stop), n=k, seed=seed))
+    greedy = engine.generate(prompt_ids, SamplingParams(
+        temperature=0.0, max_new_tokens=r.max_response_length, stop=tuple(r.stop)))
+    s = scorer.score(records, sampled)
+    g = scorer.score(records, greedy)
+    # status, not correctness: reward.shuffle (the control run) permutes the latter
+    outcomes = torch.tensor([x == "correct" for x in s.status],
+                            dtype=torch.float).reshape(len(records), k)
+    lengths = [len(x.token_ids) for per in sampled for x in per]
+    truncated = [x.truncated for per in sampled for x in per]
+    greedy_right = torch.tensor([x == "correct" for x in g.status], dtype=torch.float)
+    return {"outcomes": outcomes,
+            "pass1_sampled": outcomes.mean().item(),
+            f"pass{k}": outcomes.max(1).values.mean().item(),
+            "pass1_greedy": greedy_right.mean().item(),
+            "response_length_mean": sum(lengths) / len(lengths),
+            "truncation_rate": sum(truncated) / len(truncated),
+            **per_level(records, outcomes, greedy_right)}
+
+
 def evaluate_heldout(c, records, k: int, seed: int) -> dict:
     """Collective over all ranks; returns the same metrics dict everywhere."""
-    from megatron_sppo.rollout import SamplingParams
     from megatron_sppo.trainer import rl_step
 
-    r = c.cfg.rollout
     result = None
     if dist.get_rank() == 0:
-        ids = c.prompt_ids(records)
-        sampled = c.engine.generate(ids, SamplingParams(
-            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-            max_new_tokens=r.max_response_length, stop=tuple(r.stop), n=k, seed=seed))
-        greedy = c.engine.generate(ids, SamplingParams(
-            temperature=0.0, max_new_tokens=r.max_response_length, stop=tuple(r.stop)))
-        s = c.scorer.score(records, sampled)
-        g = c.scorer.score(records, greedy)
-        # status, not correctness: reward.shuffle (the control run) permutes the latter
-        outcomes = torch.tensor([x == "correct" for x in s.status],
-                                dtype=torch.float).reshape(len(records), k)
-        lengths = [len(x.token_ids) for per in sampled for x in per]
-        truncated = [x.truncated for per in sampled for x in per]
-        greedy_right = torch.tensor([x == "correct" for x in g.status], dtype=torch.float)
-        result = {"outcomes": outcomes,
-                  "pass1_sampled": outcomes.mean().item(),
-                  f"pass{k}": outcomes.max(1).values.mean().item(),
-                  "pass1_greedy": greedy_right.mean().item(),
-                  "response_length_mean": sum(lengths) / len(lengths),
-                  "truncation_rate": sum(truncated) / len(truncated),
-                  **per_level(records, outcomes, greedy_right)}
+        result = sample_and_score(c.engine, c.scorer, records, c.prompt_ids(records),
+                                  c.cfg.rollout, k, seed)
     result = broadcast_object(result)
     outcomes = result.pop("outcomes")
     if c.critic is not None and c.cfg.algorithm.estimator == "sppo":

@@ -48,7 +48,10 @@ def step_seed(cfg: Config, step: int) -> int:
 
 
 def run_step(c: Components, cfg: Config, step: int) -> dict:
-    """One RL step; returns its metrics (identical on every rank)."""
+    """One RL step; returns its metrics (identical on every rank). Its wall time is all in
+    the ``time_*`` metrics: ``time_other`` is what falls outside the named phases (batch
+    assembly, advantages, statistics)."""
+    start = time.perf_counter()
     timer = PhaseTimer()
     seed = step_seed(cfg, step)
     torch.manual_seed(seed)
@@ -66,28 +69,33 @@ def run_step(c: Components, cfg: Config, step: int) -> dict:
     batch = make_step_batch(c, cfg, sampled.records, sampled.rollouts, sampled.scored)
     metrics = {**sampled.scored.metrics, **sampled.metrics, **(chosen.metrics if chosen else {})}
 
+    # a single update's own forward gives the pre-update values and log-probs (rl_step)
+    critic_first = c.critic is not None and rl_step.critic_values_from_update(batch, cfg)
     if c.critic is not None:
         with timer("critic"):
             if chosen is not None:  # the pool's forward already gave the chosen prompts' values
                 batch.critic_logits = chosen.critic_logits[batch.group_index]
-            else:
-                rl_step.critic_values(c.critic, batch, cfg)
             if (cfg.critic.head_bias_init == "first_batch" and not c.state.get("bias_set")
                     and cfg.algorithm.estimator == "sppo"):
                 metrics["critic_head_bias"] = rl_step.set_head_bias(
-                    c.critic, batch.correctness.mean().item(), batch)
+                    c.critic, batch.correctness.mean().item())
                 c.state["bias_set"] = True
+                batch.critic_logits = None  # the pool's values predate the new bias
+            if critic_first:
+                metrics.update(rl_step.update_critic(c.critic, batch, cfg, seed))
+            elif batch.critic_logits is None:
+                rl_step.critic_values(c.critic, batch, cfg)
     elif cfg.algorithm.running_mean_baseline:
         rl_step.running_mean_baseline(c.state, batch, cfg.algorithm.baseline_momentum)
     with timer("policy"):
         if cfg.algorithm.old_logprobs == "engine":
             batch.old_logprobs = batch.tensors.engine_logprobs
-        else:
+        elif not (policy_learns and rl_step.old_logprobs_from_update(batch, cfg)):
             batch.old_logprobs = rl_step.forward_logprobs(c.policy, batch, cfg)
         if c.reference is not None:
             batch.ref_logprobs = c.reference.logprobs(batch, cfg)
     rl_step.compute_step_advantages(batch, cfg)
-    if c.critic is not None:
+    if c.critic is not None and not critic_first:
         with timer("critic"):
             metrics.update(rl_step.update_critic(c.critic, batch, cfg, seed))
     if policy_learns:
@@ -98,6 +106,7 @@ def run_step(c: Components, cfg: Config, step: int) -> dict:
             c.sync_weights(step)
     metrics.update(step_metrics(batch, cfg))
     metrics.update(c.colocation.memory)
+    timer.times["time_other"] = time.perf_counter() - start - sum(timer.times.values())
     metrics.update(timer.times)
     generated = sampled.generated_tokens  # dropped groups included (dynamic sampling)
     metrics["generated_tokens"] = generated

@@ -51,7 +51,9 @@ def policy_forward_backward(model, batch: PolicyBatch, *, vocab_size: int, tempe
     (the old log-probs of the pre-update policy). Otherwise the dicts hold ``loss_sum``,
     ``denominator``, the response ``tokens`` and token-weighted sums of the policy metrics
     (clip fractions, approximate KL, entropy), and gradients are accumulated in the DDP buffers (call
-    optimizer.step() afterwards).
+    optimizer.step() afterwards). A batch without ``old_logprobs`` is the first update on
+    fresh samples: the old log-probs are this forward's own, detached (the ratio is 1, its
+    gradient that of the log-probs), and the dicts also hold ``rows`` and their ``logprobs``.
     """
     loss_cfg = loss_cfg or PolicyLossConfig()
     groups = token_budget_microbatches(batch.lengths.tolist(), max_tokens)
@@ -64,14 +66,17 @@ def policy_forward_backward(model, batch: PolicyBatch, *, vocab_size: int, tempe
             entropy_grad=loss_cfg.entropy_coef != 0)  # a metric only without the bonus
         if forward_only:
             return logprobs.sum(), 1, {"rows": rows, "logprobs": logprobs.detach()}
-        out = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, loss_cfg,
+        fresh = mb.old_logprobs is None
+        old = logprobs.detach() if fresh else mb.old_logprobs
+        out = policy_loss(logprobs, old, mb.advantages, mb.response_mask, loss_cfg,
                           rollout_logprobs=mb.rollout_logprobs, ref_logprobs=mb.ref_logprobs,
                           entropy=entropy)
         tokens = mb.response_mask.sum()
         # token-weighted sums, so micro-batches and replicas combine into true means
         sums = {k: v * tokens if tokens > 0 else v.new_zeros(())
                 for k, v in policy_metrics(out, mb.response_mask, entropy).items()}
-        return out.loss_sum, out.denominator, {"tokens": tokens, **sums}
+        own = {"rows": rows, "logprobs": old} if fresh else {}
+        return out.loss_sum, out.denominator, {"tokens": tokens, **sums, **own}
 
     micro = [(rows, batch.micro(rows, layout.row_multiple)) for rows in groups]
     return run_microbatches(model, [(mb.input_ids, mb.lengths, (rows, mb))

@@ -15,8 +15,7 @@ import torch
 
 from megatron_sppo.algorithms import AdvantageBatch, compute_advantages
 from megatron_sppo.config import Config
-from megatron_sppo.trainer.collectives import (data_parallel_rows, share_rows, sum_over_replicas,
-                                               sum_stats)
+from megatron_sppo.trainer.collectives import data_parallel_rows, share_rows, sum_stats
 from megatron_sppo.trainer.critic_update import (CriticBatch, TokenCriticBatch,
                                                  critic_forward_backward,
                                                  token_critic_forward_backward)
@@ -72,7 +71,7 @@ def _policy_batch(batch: StepBatch, rows: list[int], with_targets: bool) -> Poli
     t = batch.tensors
     pb = PolicyBatch(t.input_ids[rows], t.lengths[rows], batch.loss_mask[rows])
     if with_targets:
-        pb.old_logprobs = batch.old_logprobs[rows]
+        pb.old_logprobs = None if batch.old_logprobs is None else batch.old_logprobs[rows]
         pb.advantages = batch.advantages[rows]
         pb.rollout_logprobs = t.engine_logprobs[rows]
         pb.ref_logprobs = None if batch.ref_logprobs is None else batch.ref_logprobs[rows]
@@ -141,21 +140,16 @@ def running_mean_baseline(state: dict, batch: StepBatch, momentum: float) -> Non
     state["baseline_mean"] = momentum * mean + (1 - momentum) * rate
 
 
-def set_head_bias(critic: TrainedModel, success_rate: float, batch: StepBatch) -> float:
-    """Set the scalar head's bias to logit(success rate) (clamped to [0.02, 0.98]) and shift
-    the already computed logits by the same amount; returns the new bias."""
+def set_head_bias(critic: TrainedModel, success_rate: float) -> float:
+    """Set the scalar head's bias to logit(success rate) (clamped to [0.02, 0.98]), before
+    the step's values are computed; returns the new bias."""
     bias = clamped_logit(success_rate, 0.02)
     head = getattr(critic.module, "output_layer", None)
-    shift = 0.0
     if head is not None and hasattr(head, "bias"):  # last pipeline stage holds the head
         with torch.no_grad():
-            shift = bias - float(head.bias)
             head.bias.fill_(bias)
         # the optimizer keeps fp32 main params: refresh them from the model
         critic.optimizer.reload_model_params()
-    replicas = sum_over_replicas(torch.ones(1), critic.groups).item()
-    shift_all = sum_over_replicas(torch.tensor([shift]), critic.groups)
-    batch.critic_logits = batch.critic_logits + float(shift_all) / replicas
     return bias
 
 
@@ -170,11 +164,13 @@ def compute_step_advantages(batch: StepBatch, cfg: Config) -> None:
     batch.advantages, batch.returns = out.advantages, out.returns
 
 
-def mini_batches(batch: StepBatch, cfg: Config, seed: int) -> list[list[int]]:
-    """Sample rows of each PPO mini-batch for every epoch; a prompt's n samples stay together
-    and the prompt order is reshuffled each epoch (seeded by step and epoch)."""
+def mini_batches(batch: StepBatch, cfg: Config, seed: int,
+                 size: int | None = None) -> list[list[int]]:
+    """Sample rows of each PPO mini-batch of ``size`` prompts (default
+    ``trainer.mini_batch_size``) for every epoch; a prompt's n samples stay together and the
+    prompt order is reshuffled each epoch (seeded by step and epoch)."""
     prompts = int(batch.group_index.max()) + 1
-    per = cfg.trainer.mini_batch_size or prompts
+    per = size or cfg.trainer.mini_batch_size or prompts
     out = []
     for epoch in range(cfg.trainer.ppo_epochs):
         order = (torch.randperm(prompts, generator=torch.Generator().manual_seed(seed + epoch))
@@ -183,6 +179,29 @@ def mini_batches(batch: StepBatch, cfg: Config, seed: int) -> list[list[int]]:
             chosen = set(order[start:start + per].tolist())
             out.append([i for i in range(batch.size) if int(batch.group_index[i]) in chosen])
     return out
+
+
+def single_update(batch: StepBatch, cfg: Config, size: int | None = None) -> bool:
+    """One optimizer step on the whole batch (one PPO epoch, one mini-batch of ``size``
+    prompts). Its forward then runs the pre-update weights over every row, so what a
+    separate forward pass would compute before it comes out of the update's own forward,
+    detached, exactly (as TRL's GRPOTrainer does with num_iterations=1): a full forward pass
+    saved per model."""
+    return len(mini_batches(batch, cfg, seed=0, size=size)) == 1
+
+
+def old_logprobs_from_update(batch: StepBatch, cfg: Config) -> bool:
+    """The policy's old log-probs come from its update's forward: a single update, the
+    policy's own log-probs wanted, and no advantage that needs them first (KL in reward)."""
+    a = cfg.algorithm
+    return a.old_logprobs == "policy" and not a.kl_in_reward and single_update(batch, cfg)
+
+
+def critic_values_from_update(batch: StepBatch, cfg: Config) -> bool:
+    """SPPO's pre-update V(prompt) comes from the critic update's forward: a single update,
+    and the BCE target (the 0/1 outcome) does not depend on the advantage."""
+    return (cfg.algorithm.estimator == "sppo"
+            and single_update(batch, cfg, cfg.critic_mini_batch_size))
 
 
 def _run_update(model: TrainedModel, run, rows_per_mini: list[list[int]]) -> list[dict]:
@@ -198,6 +217,8 @@ def _run_update(model: TrainedModel, run, rows_per_mini: list[list[int]]) -> lis
 
 
 def update_critic(critic: TrainedModel, batch: StepBatch, cfg: Config, seed: int) -> dict:
+    """The critic's update. SPPO without ``batch.critic_logits`` (a single update: see
+    :func:`critic_values_from_update`) takes them from the update's own forward."""
     max_tokens = cfg.trainer.max_tokens_per_microbatch
     t = batch.tensors
 
@@ -205,15 +226,21 @@ def update_critic(critic: TrainedModel, batch: StepBatch, cfg: Config, seed: int
         if cfg.algorithm.estimator == "sppo":
             cb = CriticBatch(batch.critic_prompt_ids[mine], batch.critic_prompt_lengths[mine],
                              batch.correctness[mine])
-            return critic_forward_backward(critic.ddp, cb.micro(list(range(len(mine)))),
-                                           max_tokens=max_tokens, layout=critic.layout)
+            return _global_rows(critic_forward_backward(
+                critic.ddp, cb.micro(list(range(len(mine)))), max_tokens=max_tokens,
+                layout=critic.layout), mine)
         tb = TokenCriticBatch(t.input_ids[mine], t.lengths[mine], batch.loss_mask[mine],
                               batch.values[mine], batch.returns[mine])
         return token_critic_forward_backward(critic.ddp, tb.micro(list(range(len(mine)))),
                                              max_tokens=max_tokens, layout=critic.layout,
                                              clip_range=cfg.algorithm.value_clip)
 
-    stats = _run_update(critic, run, mini_batches(batch, cfg, seed))
+    stats = _run_update(critic, run, mini_batches(batch, cfg, seed,
+                                                  cfg.critic_mini_batch_size))
+    if cfg.algorithm.estimator == "sppo" and batch.critic_logits is None:
+        (only,) = stats
+        batch.critic_logits = share_rows(only["results"], "logits", (batch.size,),
+                                         critic.groups)
     sums = [sum_stats(s["results"], ["loss_sum", "denominator"], critic.groups) for s in stats]
     return {"critic_loss": _mean([s["loss_sum"] / max(s["denominator"], 1) for s in sums]),
             "critic_grad_norm": _mean([s["grad_norm"] for s in stats]),
@@ -222,16 +249,24 @@ def update_critic(critic: TrainedModel, batch: StepBatch, cfg: Config, seed: int
 
 
 def update_policy(policy: TrainedModel, batch: StepBatch, cfg: Config, seed: int) -> dict:
+    """The policy's PPO update. Without ``batch.old_logprobs`` (a single update: see
+    :func:`old_logprobs_from_update`) they come from the update's own forward."""
     loss_cfg = cfg.loss_config()
+    fresh = batch.old_logprobs is None
 
     def run(mine):
-        return policy_forward_backward(
+        results = policy_forward_backward(
             policy.ddp, _policy_batch(batch, mine, True), vocab_size=policy.arch.vocab_size,
             temperature=cfg.rollout.temperature,
             max_tokens=cfg.trainer.max_tokens_per_microbatch, loss_cfg=loss_cfg,
             layout=policy.layout)
+        return _global_rows(results, mine) if fresh else results
 
     stats = _run_update(policy, run, mini_batches(batch, cfg, seed))
+    if fresh:
+        (only,) = stats
+        batch.old_logprobs = share_rows(only["results"], "logprobs",
+                                        tuple(batch.tensors.response_mask.shape), policy.groups)
     keys = ["loss_sum", "denominator", "tokens", *POLICY_STATS]
     sums = [sum_stats(s["results"], keys, policy.groups) for s in stats]
     tokens = sum(s["tokens"] for s in sums)
