@@ -38,7 +38,9 @@ import render_slurm  # noqa: E402
 
 DEMO = REPO / "examples" / "configs" / "tiny_cpu_sppo.yaml"
 STEPS = 100
+# one update on each batch of 8 prompts (the demo config's mini-batches hold 16)
 OVERRIDES = (f"trainer.total_steps={STEPS}", "trainer.prompts_per_step=8",
+             "trainer.mini_batch_size=8", "critic.mini_batch_size=8",
              "trainer.save_interval=25", "trainer.eval_interval=0", "data.eval_size=8",
              "rollout.max_response_length=12", "trainer.progress=false",
              "trainer.tensorboard=false")

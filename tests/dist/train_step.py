@@ -62,7 +62,8 @@ def main():
         logits = model_chunk(ids, pos, mask)
 
         def loss_func(output):
-            output = mask_padded_logits(output[:, :-1].float(), arch.vocab_size, tp_rank)
+            # megatron's cross entropy views its input: a slice of [b, s, v] must be copied
+            output = mask_padded_logits(output[:, :-1].contiguous(), arch.vocab_size, tp_rank)
             ce = tensor_parallel.vocab_parallel_cross_entropy(output, ids[:, 1:])
             loss = ce.mean()
             return loss, {"loss": loss.detach().clone()}  # the schedule divides loss in place
