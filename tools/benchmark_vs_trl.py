@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """megatron_sppo against Hugging Face TRL's GRPOTrainer on the CPU demo task.
 
-    python tools/benchmark_vs_trl.py --output-dir outputs/vs_trl      # ~35 min on 2 idle cores
+    python tools/benchmark_vs_trl.py --output-dir outputs/vs_trl      # 25 min on 2 idle cores
     python tools/benchmark_vs_trl.py --output-dir /tmp/q --quick      # tiny budgets (the test)
 
 Three systems, one after the other, for each seed: TRL's GRPOTrainer (installed by this
